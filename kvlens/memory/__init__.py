@@ -1,0 +1,1 @@
+"""Memories: which keys fire, what values write, second-moment statistics."""

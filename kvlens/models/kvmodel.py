@@ -1,0 +1,371 @@
+"""``KVModel``: a Hugging Face causal LM wrapped by nnsight, plus its architecture spec.
+
+The FFN of layer ``l`` is read as key-value memories (Geva et al. 2021, Eq. 2)::
+
+    FFN(x) = f(x K(l)ᵀ + b_K) V(l) + b_V                    (GELU families)
+    FFN(x) = (f(x gate(l)ᵀ) ⊙ (x K(l)ᵀ)) V(l)                 (gated families: Llama, ...)
+
+``K(l)``, ``gate(l)`` and ``V(l)`` are ``[d_ff, d_model]`` *views* of the live weights, row
+``i`` = memory ``i``, whatever the family stores. The key activation (memory coefficients)
+is the input of the value projection. Positions of states are named by :class:`Site`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+from nnsight.modeling.transformers import TransformersModel
+
+from kvlens.models.registry import get_arch
+from kvlens.models.spec import ArchSpec
+
+SiteKind = Literal["embed", "attn", "key", "mlp", "resid", "logits"]
+Role = Literal["key", "gate", "value"]
+_KIND_ORDER: dict[str, int] = {"embed": 0, "attn": 1, "key": 2, "mlp": 3, "resid": 4, "logits": 5}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named state of the forward pass.
+
+    ``embed``: token embeddings (layer is ignored); ``attn``: attention output of ``layer``;
+    ``key``: key activation of ``layer`` (input of the value projection, ``[.., d_ff]``);
+    ``mlp``: FFN output of ``layer``; ``resid``: residual stream after ``layer``;
+    ``logits``: unembedding output (layer is ignored).
+    """
+
+    kind: SiteKind
+    layer: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KIND_ORDER:
+            raise ValueError(f"unknown site kind {self.kind!r}; choose one of {list(_KIND_ORDER)}")
+
+    def order(self, n_layers: int) -> tuple[int, int]:
+        """Sort key in execution order (nnsight requires reads in that order)."""
+        if self.kind == "embed":
+            return (-1, 0)
+        if self.kind == "logits":
+            return (n_layers, 0)
+        return (self.layer, _KIND_ORDER[self.kind])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tokenized prompts, right-padded so that token ``t`` of every prompt is column ``t``.
+
+    Right padding keeps positions natural for absolute-position models (GPT-2) and exact for
+    causal attention: padding after a prompt never influences its tokens.
+    """
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, 1 = real token
+    prompts: tuple[str, ...]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Number of real tokens per row, ``[B]``."""
+        return self.attention_mask.sum(-1)
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Column of each row's last real token, ``[B]``."""
+        return self.lengths - 1
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword inputs for the model's forward."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def repeat(self, n: int) -> "Batch":
+        """Each row repeated ``n`` times (row-major: row 0 n times, then row 1, ...)."""
+        return Batch(self.input_ids.repeat_interleave(n, 0),
+                     self.attention_mask.repeat_interleave(n, 0),
+                     tuple(p for p in self.prompts for _ in range(n)))
+
+
+def _walk(envoy: Any, path: str) -> Any:
+    """Follow a dotted module path through nnsight envoys."""
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+class KVModel:
+    """A causal LM seen as key-value memories: the nnsight model, the HF model, its spec.
+
+    Build one with :func:`kvlens.load` or :func:`kvlens.wrap`. kvlens never changes weights
+    by itself; it turns off ``requires_grad`` on every parameter (editing methods enable
+    gradients on the tensors they train, and restore the flag).
+    """
+
+    def __init__(self, hf_model: nn.Module, tokenizer: Any, spec: ArchSpec, *,
+                 name: str = "", prefix: str = "") -> None:
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.name = name or getattr(hf_model.config, "name_or_path", "") or spec.model_type
+        self.prefix = prefix
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        hf_model.eval()
+        hf_model.requires_grad_(False)
+        self.nn = TransformersModel(hf_model, tokenizer=tokenizer)
+        self._layers: nn.ModuleList = hf_model.get_submodule(spec.layers)
+        self._check_roles()
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf.get_submodule(self.spec.embedding).weight.shape[1])
+
+    @property
+    def d_ff(self) -> int:
+        return int(self.K(0).shape[0])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_submodule(self.spec.embedding).weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.get_submodule(self.spec.embedding).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.get_submodule(self.spec.embedding).weight.dtype
+
+    @property
+    def parallel_residual(self) -> bool:
+        return self.spec.is_parallel(self.config)
+
+    # ---- modules -----------------------------------------------------------------------
+    def check_layer(self, layer: int) -> int:
+        """``layer`` as a non-negative index; a clear error if it is out of range."""
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise IndexError(
+                f"layer {layer} is out of range: {self.name} has {self.n_layers} layers "
+                f"(0..{self.n_layers - 1})"
+            )
+        return layer % self.n_layers
+
+    def layer(self, layer: int) -> nn.Module:
+        return self._layers[self.check_layer(layer)]
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.layer(layer).get_submodule(self.spec.mlp)
+
+    def attn(self, layer: int) -> nn.Module:
+        return self.layer(layer).get_submodule(self.spec.attn)
+
+    def projection(self, layer: int, role: Role) -> nn.Module:
+        """The FFN projection module playing ``role`` (key / gate / value) at ``layer``."""
+        path = {"key": self.spec.key, "gate": self.spec.gate, "value": self.spec.value}[role]
+        if path is None:
+            raise ValueError(f"{self.spec.model_type} has no gate projection (its FFN is not gated)")
+        return self.mlp(layer).get_submodule(path)
+
+    def activation(self, layer: int) -> nn.Module:
+        return self.mlp(layer).get_submodule(self.spec.activation)
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.hf.get_submodule(self.spec.embedding)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.hf.get_submodule(self.spec.final_norm)
+
+    @property
+    def unembedding(self) -> nn.Module:
+        return self.hf.get_submodule(self.spec.unembedding)
+
+    # ---- canonical [d_ff, d_model] views -----------------------------------------------
+    def weight(self, layer: int, role: Role) -> torch.Tensor:
+        """The stored weight of the ``role`` projection, in the family's own layout.
+
+        For quantized (bitsandbytes) layers this is a dequantized *copy*: the weight the
+        layer computes with, read off by applying it to the identity matrix (exact whatever
+        the packing format, which bitsandbytes changes on CPU after the first forward).
+        """
+        module = self.projection(layer, role)
+        w = module.weight
+        if getattr(w, "quant_state", None) is None and getattr(w, "SCB", None) is None:
+            return w
+        eye = torch.eye(module.in_features, device=self.device, dtype=torch.float32)
+        with torch.no_grad():
+            rows = module(eye).float()  # [in, out] = I Wᵀ + b
+            if module.bias is not None:
+                rows = rows - module.bias.float()
+        return rows.T.contiguous()  # Linear layout [out, in]
+
+    def canonical(self, weight: torch.Tensor, role: Role) -> torch.Tensor:
+        """View a stored ``role`` weight (or a same-shaped delta) as ``[d_ff, d_model]``."""
+        # Linear stores [out, in]: key/gate are [d_ff, d_model] as stored, value is transposed.
+        # Conv1D stores [in, out]: the opposite.
+        transpose = (role == "value") != self.spec.conv1d
+        return weight.T if transpose else weight
+
+    def stored(self, canonical: torch.Tensor, role: Role) -> torch.Tensor:
+        """Inverse of :meth:`canonical`: a ``[d_ff, d_model]`` tensor in the stored layout."""
+        return self.canonical(canonical, role)  # a transpose is its own inverse
+
+    def K(self, layer: int) -> torch.Tensor:
+        """Keys of ``layer``: ``[d_ff, d_model]``, row i = key of memory i (a view)."""
+        return self.canonical(self.weight(layer, "key"), "key")
+
+    def V(self, layer: int) -> torch.Tensor:
+        """Values of ``layer``: ``[d_ff, d_model]``, row i = value of memory i (a view)."""
+        return self.canonical(self.weight(layer, "value"), "value")
+
+    def gate(self, layer: int) -> torch.Tensor:
+        """Gate rows of a gated FFN: ``[d_ff, d_model]`` (a view)."""
+        return self.canonical(self.weight(layer, "gate"), "gate")
+
+    def key_bias(self, layer: int) -> torch.Tensor | None:
+        return self.projection(layer, "key").bias
+
+    def value_bias(self, layer: int) -> torch.Tensor | None:
+        return self.projection(layer, "value").bias
+
+    def roles(self) -> tuple[Role, ...]:
+        """The FFN roles this family has."""
+        return ("key", "gate", "value") if self.spec.gated else ("key", "value")
+
+    # ---- nnsight envoys for sites -------------------------------------------------------
+    def envoy(self, site: Site) -> tuple[Any, str]:
+        """The nnsight envoy holding ``site`` and whether it is read as ``output``/``input``."""
+        root = self.nn
+        if site.kind == "embed":
+            return _walk(root, self.spec.embedding), "output"
+        if site.kind == "logits":
+            return _walk(root, self.spec.unembedding), "output"
+        layer = _walk(root, self.spec.layers)[self.check_layer(site.layer)]
+        if site.kind == "resid":
+            return layer, "output"
+        if site.kind == "attn":
+            return _walk(layer, self.spec.attn), "output"
+        mlp = _walk(layer, self.spec.mlp)
+        if site.kind == "mlp":
+            return mlp, "output"
+        return _walk(mlp, self.spec.value), "input"
+
+    # ---- tokens ------------------------------------------------------------------------
+    def tokenize(self, prompts: str | Sequence[str]) -> Batch:
+        """Tokenize ``prompts`` (with the model's prefix) into a right-padded :class:`Batch`."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = tuple(prompts)
+        if not prompts:
+            raise ValueError("no prompts given: pass a non-empty string or list of strings")
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"empty prompt {p!r}: every prompt must contain text")
+        enc = [self.tokenizer(self.prefix + p, add_special_tokens=True)["input_ids"] for p in prompts]
+        width = max(len(e) for e in enc)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for row, e in enumerate(enc):
+            ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
+            mask[row, : len(e)] = 1
+        return Batch(ids.to(self.device), mask.to(self.device), prompts)
+
+    def token_strings(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+        """Each id decoded on its own (for labels)."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def token_id(self, text: str) -> int:
+        """The id of ``text`` when it is exactly one token; else an error naming its pieces."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = self.token_strings(ids)
+            hint = f"; the first is {pieces[0]!r} (id {ids[0]})" if ids else ""
+            raise ValueError(f"{text!r} is not a single token: it splits into {pieces}{hint}")
+        return int(ids[0])
+
+    # ---- identity ----------------------------------------------------------------------
+    def fingerprint(self, layers: Sequence[int] | None = None,
+                    roles: Sequence[Role] | None = None) -> str:
+        """SHA-256 over the model type, sizes and the named FFN weights (all if not given)."""
+        h = hashlib.sha256()
+        h.update(f"{self.spec.model_type}:{self.n_layers}:{self.d_model}:{self.d_ff}".encode())
+        for layer in (range(self.n_layers) if layers is None else layers):
+            for role in (self.roles() if roles is None else roles):
+                w = self.weight(layer, role).detach()
+                h.update(f"{layer}.{role}".encode())
+                h.update(w.to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def card(self) -> dict[str, Any]:
+        """A plain description for reports and reprs."""
+        n_params = sum(p.numel() for p in self.hf.parameters())
+        return {
+            "name": self.name, "model_type": self.spec.model_type,
+            "class": type(self.hf).__name__, "layers": self.n_layers, "d_model": self.d_model,
+            "d_ff": self.d_ff, "vocab_size": self.vocab_size, "parameters": n_params,
+            "gated_ffn": self.spec.gated, "parallel_residual": self.parallel_residual,
+            "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+            "key_projection": self.spec.key, "value_projection": self.spec.value,
+            "gate_projection": self.spec.gate,
+        }
+
+    def __repr__(self) -> str:
+        c = self.card()
+        return (f"KVModel({c['name']!r}, {c['model_type']}, {c['layers']} layers, "
+                f"d_model={c['d_model']}, d_ff={c['d_ff']}, {c['dtype']}, {c['device']})")
+
+    def _check_roles(self) -> None:
+        """Fail at wrap time, naming the path, if the spec does not match the modules."""
+        paths = [self.spec.embedding, self.spec.final_norm, self.spec.unembedding]
+        for path in paths:
+            try:
+                self.hf.get_submodule(path)
+            except AttributeError:
+                raise ValueError(
+                    f"the {self.spec.model_type} spec names module {path!r}, which "
+                    f"{type(self.hf).__name__} does not have; fix the spec with register_arch(..., overwrite=True)"
+                ) from None
+        for role in self.roles():
+            try:
+                self.projection(0, role)
+            except AttributeError:
+                raise ValueError(
+                    f"the {self.spec.model_type} spec names FFN {role} projection "
+                    f"{getattr(self.spec, role)!r}, which layer 0's MLP does not have"
+                ) from None
+
+
+def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "") -> KVModel:
+    """Wrap a model you already have: its ``config.model_type`` picks the spec.
+
+    Args:
+        hf_model: a Hugging Face causal LM (``...ForCausalLM``).
+        tokenizer: its tokenizer.
+        name: a display name (defaults to ``config.name_or_path``).
+        prefix: text put before every prompt (e.g. a BOS token string for models whose
+            tokenizer adds none).
+    """
+    config = getattr(hf_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise TypeError(
+            f"wrap() needs a Hugging Face model with a config.model_type; got {type(hf_model).__name__}"
+        )
+    return KVModel(hf_model, tokenizer, get_arch(model_type), name=name, prefix=prefix)

@@ -1,0 +1,1 @@
+"""Views: figures (pure functions of results), widgets, and HTML reports."""

@@ -1,0 +1,144 @@
+"""Every registered family: roles and the canonical [d_ff, d_model] orientation, proved by a
+reference forward on a tiny random model (Geva et al. 2021: FFN(x) = f(x Kᵀ) V)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvlens
+from kvlens import tracing
+from kvlens.models.kvmodel import Site
+from tests.conftest import TINY_CONFIGS, tiny
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_every_registered_family_is_tested():
+    assert set(FAMILIES) == set(kvlens.registered_types())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_reference_forward_proves_roles_and_orientation(model_type):
+    m = tiny(model_type)
+    torch.manual_seed(1)
+    for layer in range(m.n_layers):
+        x = torch.randn(2, 5, m.d_model)
+        K, V = m.K(layer), m.V(layer)
+        assert K.shape == V.shape == (m.d_ff, m.d_model)
+        assert K.data_ptr() == m.weight(layer, "key").data_ptr()  # a view, not a copy
+        act = m.activation(layer)
+        if m.spec.gated:
+            coef = act(x @ m.gate(layer).T) * (x @ K.T)  # (f(x Gᵀ) ⊙ x Kᵀ)
+        else:
+            b_k = m.key_bias(layer)
+            coef = act(x @ K.T + (0 if b_k is None else b_k))  # f(x Kᵀ + b_K)
+        b_v = m.value_bias(layer)
+        expected = coef @ V + (0 if b_v is None else b_v)
+        with torch.no_grad():
+            got = m.mlp(layer)(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_site_accessors_match_the_models_own_forward(model_type):
+    m = tiny(model_type)
+    batch = m.tokenize(["hello world", "kv"])
+    sites = [Site(kind, l) for l in range(m.n_layers) for kind in ("attn", "key", "mlp", "resid")]
+    states = tracing.run(m, batch, read=sites + [Site("embed"), Site("logits")])
+    with torch.no_grad():
+        ref = m.hf(**batch.inputs(), output_hidden_states=True)
+    close(states[Site("logits")], ref.logits)
+    torch.testing.assert_close(states[Site("embed")], m.embedding(batch.input_ids))
+    for l in range(m.n_layers - 1):  # the last hidden state of HF has the final norm applied
+        close(states[Site("resid", l)], ref.hidden_states[l + 1])
+    for l in range(m.n_layers):
+        b_v = m.value_bias(l)
+        mlp = states[Site("key", l)] @ m.V(l) + (0 if b_v is None else b_v)
+        close(mlp, states[Site("mlp", l)])
+    if model_type in ("gpt2", "gptj", "gpt_neox", "llama"):  # residual = h + attn + mlp
+        for l in range(1, m.n_layers - 1):
+            s = lambda k: states[Site(k, l)]  # noqa: E731
+            close(states[Site("resid", l - 1)] + s("attn") + s("mlp"), s("resid"))
+
+
+def test_parallel_residual_flags():
+    assert tiny("gptj").parallel_residual
+    assert tiny("gpt_neox").parallel_residual
+    assert not tiny("gpt_neox", use_parallel_residual=False).parallel_residual
+    assert not tiny("gpt2").parallel_residual and not tiny("llama").parallel_residual
+
+
+def test_conv1d_and_linear_store_opposite_layouts():
+    gpt2, neox = tiny("gpt2"), tiny("gpt_neox")
+    assert gpt2.weight(0, "key").shape == (gpt2.d_model, gpt2.d_ff)  # Conv1D [in, out]
+    assert neox.weight(0, "key").shape == (neox.d_ff, neox.d_model)  # Linear [out, in]
+    for m in (gpt2, neox):
+        for role in ("key", "value"):
+            w = m.weight(0, role)
+            assert m.stored(m.canonical(w, role), role).data_ptr() == w.data_ptr()
+
+
+def test_unknown_model_type_names_it_and_says_how_to_register():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import CharTokenizer
+
+    cfg = AutoConfig.for_model("phi", num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
+                               intermediate_size=64, vocab_size=128)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(kvlens.UnknownArchitectureError, match="'phi'.*register_arch"):
+        kvlens.wrap(hf, CharTokenizer())
+
+
+def test_register_arch_adds_a_family_and_refuses_silent_overwrite():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import CharTokenizer
+
+    spec = kvlens.ArchSpec(model_type="phi", layers="model.layers", embedding="model.embed_tokens",
+                           final_norm="model.final_layernorm", unembedding="lm_head", attn="self_attn",
+                           mlp="mlp", key="fc1", value="fc2", activation="activation_fn",
+                           parallel_residual=True)
+    try:
+        kvlens.register_arch(spec)
+        cfg = AutoConfig.for_model("phi", num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
+                                   intermediate_size=64, vocab_size=128)
+        m = kvlens.wrap(AutoModelForCausalLM.from_config(cfg), CharTokenizer())
+        x = torch.randn(1, 3, 32)
+        with torch.no_grad():
+            expected = m.activation(0)(x @ m.K(0).T + m.key_bias(0)) @ m.V(0) + m.value_bias(0)
+            torch.testing.assert_close(m.mlp(0)(x), expected)
+        with pytest.raises(ValueError, match="already registered"):
+            kvlens.register_arch(spec)
+    finally:
+        from kvlens.models import registry
+
+        registry._REGISTRY.pop("phi", None)
+
+
+def test_spec_naming_a_missing_module_fails_at_wrap():
+    from dataclasses import replace
+
+    from kvlens.models.kvmodel import KVModel
+    from tests.conftest import CharTokenizer, tiny_hf
+
+    bad = replace(kvlens.get_arch("llama"), key="w_in")
+    with pytest.raises(ValueError, match="'w_in'"):
+        KVModel(tiny_hf("llama"), CharTokenizer(), bad)
+
+
+def test_layer_out_of_range_and_bad_sites():
+    m = tiny("llama")
+    with pytest.raises(IndexError, match="layer 3 is out of range.*3 layers"):
+        m.K(3)
+    with pytest.raises(IndexError, match="out of range"):
+        tracing.run(m, m.tokenize("a"), read=[Site("key", 7)])
+    with pytest.raises(ValueError, match="unknown site kind"):
+        Site("ffn", 0)
+    with pytest.raises(ValueError, match="no gate projection"):
+        tiny("gpt2").gate(0)

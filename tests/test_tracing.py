@@ -1,0 +1,80 @@
+"""The nnsight seam: capture, patch at (layer, token), batches, gradients, early stop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlens import tracing
+from kvlens.models.kvmodel import Site
+from tests.conftest import tiny
+
+
+@pytest.fixture(scope="module")
+def m():
+    return tiny("llama")
+
+
+def test_right_padding_keeps_each_prompt_as_if_alone(m):
+    batch = m.tokenize(["a longer prompt here", "short"])
+    together = tracing.run(m, batch, read=[Site("logits")])[Site("logits")]
+    for row, prompt in enumerate(batch.prompts):
+        alone_batch = m.tokenize(prompt)
+        alone = tracing.run(m, alone_batch, read=[Site("logits")])[Site("logits")]
+        n = int(batch.lengths[row])
+        torch.testing.assert_close(together[row, :n], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_patch_at_one_token_changes_only_that_token_and_later(m):
+    batch = m.tokenize("patch me please")
+    clean = tracing.run(m, batch, read=[Site("resid", 2)])[Site("resid", 2)]
+    patched = tracing.run(m, batch, read=[Site("resid", 2)],
+                          write={Site("mlp", 0): tracing.replace_at([0], [4], torch.zeros(1, m.d_model))}
+                          )[Site("resid", 2)]
+    torch.testing.assert_close(patched[0, :4], clean[0, :4])
+    assert not torch.allclose(patched[0, 4:], clean[0, 4:])
+
+
+def test_key_site_write_is_the_value_projection_input(m):
+    batch = m.tokenize("abc")
+    out = tracing.run(m, batch, read=[Site("mlp", 1)], write={Site("key", 1): torch.zeros_like})
+    b = m.value_bias(1)
+    expected = torch.zeros(1, 3, m.d_model) + (0 if b is None else b)
+    torch.testing.assert_close(out[Site("mlp", 1)], expected)
+
+
+def test_concat_puts_groups_in_one_forward_with_positions_kept(m):
+    a, b = m.tokenize(["one", "three"]), m.tokenize(["a much longer second group"])
+    both = tracing.concat([a, b], m.tokenizer.pad_token_id)
+    assert len(both) == 3 and both.prompts == ("one", "three", "a much longer second group")
+    merged = tracing.run(m, both, read=[Site("logits")])[Site("logits")]
+    alone = tracing.run(m, a, read=[Site("logits")])[Site("logits")]
+    torch.testing.assert_close(merged[0, :3], alone[0, :3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        tracing.concat([], 0)
+
+
+def test_gradients_flow_through_a_trace_into_a_leaf_delta(m):
+    batch = m.tokenize("grad")
+    delta = torch.zeros(m.d_model, requires_grad=True)
+    out = tracing.run(m, batch, read=[Site("logits")], grad=True,
+                      write={Site("mlp", 1): tracing.add_at([0], batch.last, delta)})
+    loss = -tracing.at_last_token(batch, out[Site("logits")])[0].log_softmax(-1)[5]
+    loss.backward()
+    assert delta.grad is not None and delta.grad.norm() > 0
+    # no parameter accumulated a gradient: kvlens freezes the weights
+    assert all(p.grad is None for p in m.hf.parameters())
+
+
+def test_stop_returns_early_sites_and_repeat_keeps_rows(m):
+    batch = m.tokenize(["x y", "zz"]).repeat(3)
+    assert batch.prompts[:3] == ("x y",) * 3
+    out = tracing.run(m, batch, read=[Site("key", 0)], stop=True)
+    assert out[Site("key", 0)].shape[:2] == (6, 3)
+
+
+def test_trainable_restores_flags(m):
+    w = m.projection(0, "value").weight
+    with tracing.trainable(w):
+        assert w.requires_grad
+    assert not w.requires_grad
