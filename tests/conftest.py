@@ -37,8 +37,12 @@ class CharTokenizer:
     eos_token_id = 1
     padding_side = "right"
 
-    def __call__(self, text, add_special_tokens=True, **_):
-        return {"input_ids": [2 + (b % (VOCAB - 2)) for b in text.encode()]}
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False, **_):
+        ids = [2 + (b % (VOCAB - 2)) for b in text.encode()]
+        out = {"input_ids": ids}
+        if return_offsets_mapping:  # one token per byte: exact for ASCII text
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(ids))]
+        return out
 
     def decode(self, ids, **_):
         return "".join(chr(int(i)) for i in ids)
