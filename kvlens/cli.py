@@ -60,11 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_tour.add_argument("--layer", type=int, default=None)
     p_tour.add_argument("--out", default="out/kvlens-tour.html", help="where to write the report")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     start = time.perf_counter()
     try:
-        model = load(args.model)
-        report = tour(model, args.prompt, args.layer)
+        with torch.no_grad():
+            model = load(args.model)
+            report = tour(model, args.prompt, args.layer)
         path = report.save(Path(args.out))
     except (OSError, ValueError, IndexError, KeyError) as exc:
         print(f"kvlens: error: {exc}", file=sys.stderr)
