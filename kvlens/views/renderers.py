@@ -1,0 +1,111 @@
+"""The renderer registry: kvlens results -> report sections.
+
+:func:`to_sections` is a :func:`functools.singledispatch` function. Each views module that
+draws a result type registers how that result appears in a report, with the parameters
+that produced it; :meth:`kvlens.views.report.Report.add` calls it for anything that is not
+already a :class:`~kvlens.views.report.Section`. Add your own type with::
+
+    from kvlens.views.renderers import to_sections
+
+    @to_sections.register
+    def _(result: MyResult) -> list[Section]:
+        return [Section("My result", text=str(result))]
+
+The core never imports this module (results are data; views are functions of results).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any, Iterable, Mapping
+
+import plotly.graph_objects as go
+
+from kvlens.memory.activations import KeyActivations, TopMemories
+from kvlens.views import figures
+from kvlens.views.report import Section
+
+
+@functools.singledispatch
+def to_sections(result: Any) -> list[Section]:
+    """The report sections showing ``result`` (a clear error for types with no renderer)."""
+    raise TypeError(
+        f"Report.add cannot show a {type(result).__module__}.{type(result).__qualname__}: no renderer is "
+        "registered for it. Pass a Section, a plotly Figure, a string, a kvlens result, or register one "
+        "with kvlens.views.renderers.to_sections.register"
+    )
+
+
+@to_sections.register
+def _section(result: Section) -> list[Section]:
+    return [result]
+
+
+@to_sections.register
+def _figure(result: go.Figure) -> list[Section]:
+    title = result.layout.title.text if result.layout.title and result.layout.title.text else "Figure"
+    return [Section(str(title), figure=result)]
+
+
+@to_sections.register
+def _text(result: str) -> list[Section]:
+    return [Section("Notes", text=result)]
+
+
+@to_sections.register(list)
+@to_sections.register(tuple)
+def _many(result: Iterable[Any]) -> list[Section]:
+    return [s for item in result for s in to_sections(item)]
+
+
+@to_sections.register(dict)
+def _mapping(result: Mapping[str, Any]) -> list[Section]:
+    """A plain mapping is shown as a two-column table titled by its ``"title"`` key, if any."""
+    rows = [{"name": str(k), "value": v} for k, v in result.items() if k != "title"]
+    return [Section(str(result.get("title", "Values")), table=rows)]
+
+
+def top_memories_rows(top: TopMemories) -> list[dict[str, Any]]:
+    """Rows of a table of the strongest memories at one token."""
+    return [{"rank": r + 1, "memory": m, "coefficient": c}
+            for r, (m, c) in enumerate(zip(top.memories, top.coefficients))]
+
+
+@to_sections.register
+def _top_memories(result: TopMemories) -> list[Section]:
+    return [Section(f"Strongest memories at layer {result.layer}, token {result.token!r}",
+                    table=top_memories_rows(result),
+                    params={"layer": result.layer, "token_index": result.token_index, "k": len(result.memories)})]
+
+
+@to_sections.register
+def _key_activations(result: KeyActivations, k: int = 10) -> list[Section]:
+    out = []
+    for p, prompt in enumerate(result.batch.prompts):
+        for layer in result.layers:
+            top = result.top(layer, k=k, prompt=p)
+            text = (f"Memory coefficients (input of the value projection) at layer {layer} for {prompt!r}. "
+                    f"At the last token {top.token!r} the strongest memories are "
+                    + ", ".join(f"m{m} ({c:+.2f})" for m, c in zip(top.memories, top.coefficients)) + ".")
+            out.append(Section(f"Key activations at layer {layer}", text=text,
+                               table=top_memories_rows(top),
+                               figure=figures.key_activation_heatmap(result, layer, prompt=p),
+                               params={"model": result.model_name, "prompt": prompt, "layer": layer,
+                                       "k": k, "heatmap_k": 20}))
+    return out
+
+
+#: Views modules that register renderers for the results they draw; imported on first use so
+#: that a result type whose module is not installed does not break the others.
+RENDERER_MODULES: tuple[str, ...] = ()
+
+
+@functools.cache
+def load_renderers() -> tuple[str, ...]:
+    """Import the modules in :data:`RENDERER_MODULES`; the names that imported."""
+    loaded = []
+    for name in RENDERER_MODULES:
+        importlib.import_module(name)
+        loaded.append(name)
+    return tuple(loaded)
