@@ -1,0 +1,88 @@
+"""A saved report opened in a real headless browser (Debian's Chromium driven by playwright).
+
+Every Plotly figure renders to SVG, the console stays free of errors, nothing is fetched from
+the network, and a subject containing ``<script>`` does not execute. The screenshot is kept
+as a test artifact (in pytest's tmp dir and in ``out/test-artifacts/``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import plotly.graph_objects as go
+import pytest
+
+import kvlens
+from kvlens.views.report import Report, Section
+from tests.conftest import tiny
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+EVIL = "<script>window.__pwned = 1</script><img src=x onerror='window.__pwned = 2'>"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts"
+
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"no browser: {CHROMIUM} is absent (run .ci/install-browser to install Debian's chromium)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    profile = tempfile.mkdtemp(prefix="kvlens-chromium-")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                        args=FLAGS, viewport={"width": 1200, "height": 900})
+        try:
+            yield context
+        finally:
+            context.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+def open_page(browser: Any, path: Path) -> tuple[Any, list[str], list[str]]:
+    """Open ``path``; return the page, console errors (and page errors), and requested URLs."""
+    page = browser.new_page()
+    errors: list[str] = []
+    requests: list[str] = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", lambda req: requests.append(req.url))
+    page.goto(path.as_uri(), wait_until="load")
+    return page, errors, requests
+
+
+def rendered_figures(page: Any) -> tuple[int, int]:
+    """(plotly figures on the page, those that drew an SVG), after waiting for them to draw."""
+    page.wait_for_function("""() => [...document.querySelectorAll('.plotly-graph-div')]
+                                   .every(d => d.querySelector('svg.main-svg'))""", timeout=30_000)
+    return page.evaluate("""() => { const d = [...document.querySelectorAll('.plotly-graph-div')];
+                                   return [d.length, d.filter(x => x.querySelector('svg.main-svg')).length]; }""")
+
+
+def test_saved_report_renders_offline_and_escapes_script(browser, tmp_path):
+    model = tiny("llama")  # rotary positions: no length limit for the long subject
+    acts = kvlens.keys(model, ["The subject " + EVIL], layers=[1])
+    fig = go.Figure(go.Bar(x=[EVIL, "b"], y=[1, 2]), layout=dict(title=EVIL))
+    report = Report("Report of " + EVIL).add(
+        Section(EVIL, text=EVIL, table=[{"subject": EVIL}], params={"subject": EVIL}), acts, fig)
+    path = report.save(tmp_path / "report.html")
+
+    page, errors, requests = open_page(browser, path)
+    total, drawn = rendered_figures(page)
+    assert total == 2 and drawn == total
+    assert page.evaluate("() => window.__pwned === undefined")
+    assert EVIL in page.inner_text("body")  # shown as text, not run
+    assert errors == []
+    assert requests == [path.as_uri()], f"the report fetched {requests[1:]}"
+
+    shot = tmp_path / "report.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "report.png")
+    page.close()
