@@ -139,3 +139,31 @@ def trainable(*tensors: torch.nn.Parameter):
     finally:
         for t, flag in zip(tensors, flags):
             t.requires_grad_(flag)
+
+
+class _TraceOptions:
+    """An nnsight model whose traces all get extra keyword arguments; everything else delegates."""
+
+    def __init__(self, nn_model: object, options: dict[str, object]) -> None:
+        self._nn_model = nn_model
+        self._options = options
+
+    def trace(self, *args: object, **kwargs: object) -> object:
+        return self._nn_model.trace(*args, **{**self._options, **kwargs})
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._nn_model, name)
+
+
+def with_trace_options(model: KVModel, **options: object) -> KVModel:
+    """A shallow copy of ``model`` whose nnsight traces (in :func:`run`) get ``options``.
+
+    E.g. ``with_trace_options(model, remote=True)`` sends every forward of :func:`run` to NDIF
+    (nnsight's remote execution; the model must be one NDIF hosts, and needs an API key set up
+    as nnsight documents). The original model is not changed.
+    """
+    import copy
+
+    view = copy.copy(model)
+    view.nn = _TraceOptions(model.nn, dict(options))
+    return view
