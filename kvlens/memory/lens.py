@@ -1,0 +1,185 @@
+"""Where the prediction forms: the logit lens and layer composition (Geva et al. 2021, §5).
+
+Layer ``l`` adds its FFN output ``y_l = Σ_i m_i v_i + b_V`` (Eq. 4) to the residual ``r_l`` it
+receives: ``o_l = r_l + y_l`` (Eq. 5; here ``r_l := o_l - y_l``, which also covers parallel
+attention/FFN blocks). Reading residuals through the model's head (final norm + unembedding)
+is the logit lens. :func:`composition` compares, at each prompt's last token,
+
+* the FFN's prediction ``argmax r(y_l)·E`` with the predictions of its top memories
+  ``argmax r(sign(m_i) v_i)·E`` (§5.1: is the layer's prediction a single memory's, or a composition?);
+* the residual's prediction before and after the FFN and the model's final prediction (§5.2: at
+  which layer is the final prediction first reached; when the FFN changes the residual's top
+  token, is the new token the FFN's own top token or a compromise?).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kvlens import tracing
+from kvlens.memory.activations import check_k, check_layers
+from kvlens.memory.vocab import Norm, check_norm, to_vocab
+from kvlens.models.kvmodel import KVModel, Site
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """Top-``k`` tokens of the residual after each layer, at every token of every prompt.
+
+    ``top_ids[p]``/``top_probs[p]`` are ``[layers, tokens_p, k]`` (final norm + unembedding,
+    softmax); ``final_ids[p]`` is the model's own prediction at each token.
+    """
+
+    model_name: str
+    prompts: tuple[str, ...]
+    tokens: list[list[str]]
+    layers: list[int]
+    top_ids: list[torch.Tensor]
+    top_probs: list[torch.Tensor]
+    final_ids: list[torch.Tensor]
+    vocab: dict[int, str] = field(repr=False)
+
+    def prediction(self, layer: int, prompt: int = 0, token: int = -1) -> str:
+        """The top token of the residual after ``layer`` at ``token`` of ``prompt``."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not read; read layers: {self.layers}")
+        return self.vocab[int(self.top_ids[prompt][self.layers.index(layer), token, 0])]
+
+    def first_layer(self, prompt: int = 0, token: int = -1) -> int | None:
+        """The first layer whose residual already predicts the model's final token (None: never)."""
+        final = int(self.final_ids[prompt][token])
+        hits = (self.top_ids[prompt][:, token, 0] == final).nonzero()
+        return None if len(hits) == 0 else self.layers[int(hits[0])]
+
+
+def logit_lens(model: KVModel, prompts: str | Sequence[str], layers: Sequence[int] | None = None, *,
+               k: int = 5) -> LogitLens:
+    """Read the residual after each of ``layers`` (all if None) through the model's head, in one forward."""
+    check_k(k)
+    chosen = check_layers(model, layers)
+    batch = model.tokenize(prompts)
+    states = tracing.run(model, batch, read=[*(Site("resid", l) for l in chosen), Site("logits")])
+    valid = batch.attention_mask.bool().cpu()
+    per_layer = [_top_of(model, states[Site("resid", l)].detach().cpu()[valid], k) for l in chosen]
+    lengths = batch.lengths.tolist()
+    ids = torch.stack([i for i, _ in per_layer]).split(lengths, dim=1)  # per prompt [L, n, k]
+    probs = torch.stack([p for _, p in per_layer]).split(lengths, dim=1)
+    final = states[Site("logits")].detach().cpu()[valid].argmax(-1).split(lengths)
+    top_ids, top_probs, final_ids = list(ids), list(probs), list(final)
+    ids_seen = set(torch.cat([t.flatten() for t in top_ids]).tolist()) | set(torch.cat(final_ids).tolist())
+    tokens = [model.token_strings(ids[: int(n)]) for ids, n in zip(batch.input_ids, batch.lengths)]
+    vocab = dict(zip(sorted(ids_seen), model.token_strings(sorted(ids_seen))))
+    return LogitLens(model.name, batch.prompts, tokens, chosen, top_ids, top_probs, final_ids, vocab)
+
+
+def _top_of(model: KVModel, residuals: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` ids and probabilities of residuals ``[n, d_model]`` read through the head."""
+    logits = to_vocab(model, residuals, "final")
+    top = logits.topk(k, dim=-1)
+    return top.indices.cpu(), (top.values - logits.logsumexp(-1, keepdim=True)).exp().cpu()
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """One layer at one prompt's last token: top-token ids of each reading (Geva et al. 2021, §5)."""
+
+    layer: int
+    before: int  # residual entering the FFN, r_l (logit lens)
+    ffn: int  # FFN output y_l (read with ``norm``)
+    after: int  # residual after the layer, o_l (logit lens)
+    memories: list[int]  # the top-|m_i| memories of the layer
+    coefficients: list[float]
+    memory_tokens: list[int]  # argmax of r(sign(m_i) v_i)·E for each of them
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Layer composition over prompts: ``steps[p][j]`` is layer ``layers[j]`` at prompt ``p``."""
+
+    model_name: str
+    prompts: tuple[str, ...]
+    layers: list[int]
+    norm: str
+    final: list[int]
+    steps: list[list[LayerStep]]
+    vocab: dict[int, str] = field(repr=False)
+
+    def first_layer(self, prompt: int) -> int | None:
+        """First layer whose residual (after it) predicts the final token (None: never)."""
+        return next((s.layer for s in self.steps[prompt] if s.after == self.final[prompt]), None)
+
+    def stats(self) -> list[dict[str, float]]:
+        """Per layer, fractions over prompts (Geva et al. 2021, §5.1-5.2).
+
+        ``top1_agrees``: the FFN's top token is that of its strongest memory; ``any_agrees``: of
+        one of its top memories; ``composition``: of none of them; ``final_reached``: the residual
+        after the layer already predicts the final token; ``changed``: the FFN changed the
+        residual's top token, split into ``to_ffn_top`` (became the FFN's top token) and
+        ``compromise`` (became another token).
+        """
+        rows = []
+        for j, layer in enumerate(self.layers):
+            col = [steps[j] for steps in self.steps]
+            n = len(col)
+            changed = [s for s in col if s.before != s.after]
+            any_agree = sum(s.ffn in s.memory_tokens for s in col) / n
+            rows.append({
+                "layer": layer,
+                "top1_agrees": sum(s.ffn == s.memory_tokens[0] for s in col) / n,
+                "any_agrees": any_agree, "composition": 1.0 - any_agree,
+                "final_reached": sum(s.after == f for s, f in zip(col, self.final)) / n,
+                "changed": len(changed) / n,
+                "to_ffn_top": sum(s.after == s.ffn for s in changed) / n,
+                "compromise": sum(s.after != s.ffn for s in changed) / n,
+            })
+        return rows
+
+
+def _memory_tokens(model: KVModel, layer: int, memories: list[int], signs: list[float], norm: Norm,
+                   memo: dict[tuple[int, int, float], int]) -> list[int]:
+    """Top token of ``sign · v_i`` for each memory (memoised across prompts)."""
+    todo = [(m, s) for m, s in zip(memories, signs) if (layer, m, s) not in memo]
+    if todo:
+        V = model.V(layer).detach()[[m for m, _ in todo]].float() * torch.tensor([s for _, s in todo])[:, None]
+        for (m, s), t in zip(todo, to_vocab(model, V, norm).argmax(-1).tolist()):
+            memo[(layer, m, s)] = t
+    return [memo[(layer, m, s)] for m, s in zip(memories, signs)]
+
+
+def composition(model: KVModel, prompts: str | Sequence[str], layers: Sequence[int] | None = None, *,
+                k: int = 10, norm: Norm = "frozen") -> Composition:
+    """How each layer's prediction composes from its memories and the residual (Geva et al. 2021, §5).
+
+    One batched forward reads, at every prompt's last token, the residual after each layer, the
+    FFN outputs and the key activations. Residuals are read with the model's head; FFN outputs
+    and memories with ``norm`` (default ``"frozen"``: final norm gain, unit scale — the same
+    ranking as the head gives that part of the residual; ``"none"``: raw ``·E`` as in the paper).
+    """
+    check_k(k)
+    check_norm(norm)
+    chosen = check_layers(model, layers)
+    batch = model.tokenize(prompts)
+    sites = [Site(kind, l) for l in chosen for kind in ("key", "mlp", "resid")]
+    states = {s: tracing.at_last_token(batch, v).detach().float()
+              for s, v in tracing.run(model, batch, read=[*sites, Site("logits")]).items()}
+    final = states[Site("logits")].argmax(-1).tolist()
+    memo: dict[tuple[int, int, float], int] = {}
+    steps: list[list[LayerStep]] = [[] for _ in range(len(batch))]
+    for l in chosen:
+        after, ffn = states[Site("resid", l)], states[Site("mlp", l)]
+        top_after = to_vocab(model, after, "final").argmax(-1).tolist()
+        top_before = to_vocab(model, after - ffn, "final").argmax(-1).tolist()
+        top_ffn = to_vocab(model, ffn, norm).argmax(-1).tolist()
+        coef = states[Site("key", l)].cpu()
+        for p in range(len(batch)):
+            idx = coef[p].abs().topk(min(k, model.d_ff)).indices.tolist()
+            c = coef[p, idx].tolist()
+            toks = _memory_tokens(model, l, idx, [1.0 if x >= 0 else -1.0 for x in c], norm, memo)
+            steps[p].append(LayerStep(l, top_before[p], top_ffn[p], top_after[p], idx, c, toks))
+    ids = sorted({t for row in steps for s in row for t in (s.before, s.ffn, s.after, *s.memory_tokens)}
+                 | set(final))
+    return Composition(model.name, batch.prompts, chosen, norm, final, steps,
+                       dict(zip(ids, model.token_strings(ids))))
