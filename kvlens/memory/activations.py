@@ -66,7 +66,7 @@ class KeyActivations:
     """Memory coefficients: ``coefficients[layer]`` is ``[prompts, tokens, d_ff]`` (right-padded).
 
     ``tokens[p]`` are the token strings of prompt ``p`` (without padding); positions past
-    ``len(tokens[p])`` in ``coefficients`` are padding.
+    ``len(tokens[p])`` in ``coefficients`` are padding and hold 0.
     """
 
     batch: Batch
@@ -142,8 +142,9 @@ def keys(model: KVModel, prompts: str | Sequence[str], layers: Sequence[int] | N
         n = int(batch.lengths[rows].max())
         chunk = Batch(batch.input_ids[rows, :n], batch.attention_mask[rows, :n], batch.prompts[rows])
         states = tracing.run(model, chunk, read=sites, stop=True)
-        for l in chosen:
-            parts[l].append(_pad_to(states[Site("key", l)].detach().float().cpu(), width))
+        mask = chunk.attention_mask.cpu()[..., None].float()
+        for l in chosen:  # padding positions are set to 0
+            parts[l].append(_pad_to(states[Site("key", l)].detach().float().cpu() * mask, width))
     tokens = [model.token_strings(ids[: int(n)]) for ids, n in zip(batch.input_ids, batch.lengths)]
     coefficients = {l: torch.cat(parts[l]) for l in chosen}
     return KeyActivations(batch, tokens, coefficients, model.name)

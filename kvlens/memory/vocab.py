@@ -81,7 +81,8 @@ def frozen_norm(model: KVModel, residual: torch.Tensor | None = None) -> FrozenN
         for center in (bias is not None, bias is None):
             norm = FrozenNorm(g, center, torch.tensor(1.0), offset, eps).at(probe)
             if torch.allclose(norm(probe) + offset, target, rtol=1e-3, atol=1e-3 * float(target.abs().max())):
-                return norm if residual is None else norm.at(residual)
+                unit = FrozenNorm(g, center, torch.tensor(1.0, device=g.device), offset, eps)
+                return unit if residual is None else unit.at(residual)
     raise NotImplementedError(f"kvlens cannot freeze the final norm {type(module).__name__}: it is neither "
                               f"LayerNorm nor RMSNorm; use norm='none'")
 
