@@ -1,0 +1,325 @@
+"""Evaluation cases: CounterFact / zsRE records from local JSON, the Hugging Face hub or the bundled set.
+
+Everything becomes an :class:`EvalCase` (one edit request with its test prompts). Records are read
+in the ROME/MEMIT formats:
+
+* CounterFact (``counterfact.json``, ``multi_counterfact.json``, ``data/counterfact_mini.json``):
+  ``requested_rewrite{prompt, subject, relation_id, target_new{str}, target_true{str}}``,
+  ``paraphrase_prompts``, ``neighborhood_prompts``, ``attribute_prompts``, ``generation_prompts``;
+* zsRE as ROME's ``MENDQADataset`` reads ``zsre_mend_eval.json``: ``subject``, ``src``,
+  ``answers`` (the edit target is ``answers[0]``, the true object is unknown), ``rephrase``,
+  ``loc`` and ``loc_ans`` (the specificity question and its answer).
+
+Hub loads go through ``datasets`` and fail fast when the hub cannot be reached, with a message
+naming how to use a local file instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from kvlens.prompts import check_template
+
+COUNTERFACT_HUB_ID = "azhx/counterfact"
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "counterfact_mini.json"
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset could not be fetched (offline, unknown id, ...)."""
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One edit request and the prompts that test it.
+
+    ``prompt`` is a template with ``{}`` for ``subject``. ``target_true`` is ``None`` when the
+    true object is unknown (zsRE). Neighbourhood prompts are scored against
+    ``neighborhood_targets`` (one per prompt) or, when that is empty, against ``target_true``
+    (CounterFact: neighbours share the true object).
+    """
+
+    case_id: Any
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    relation_id: str = ""
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+    neighborhood_targets: tuple[str, ...] = ()
+    attribute_prompts: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    source: str = "counterfact"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        where = f"case {self.case_id!r}"
+        check_template(self.prompt)
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise ValueError(f"{where}: empty subject {self.subject!r}")
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            raise ValueError(f"{where}: empty target_new {self.target_new!r}")
+        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
+            raise ValueError(
+                f"{where}: target_new {self.target_new!r} equals the true object {self.target_true!r}; "
+                f"an edit must ask for a different object"
+            )
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_targets",
+                     "attribute_prompts", "generation_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{where}: {name} must be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if self.neighborhood_targets and len(self.neighborhood_targets) != len(self.neighborhood_prompts):
+            raise ValueError(f"{where}: {len(self.neighborhood_targets)} neighborhood_targets for "
+                             f"{len(self.neighborhood_prompts)} neighborhood_prompts")
+        if not self.neighborhood_targets and self.neighborhood_prompts and self.target_true is None:
+            raise ValueError(f"{where}: neighbourhood prompts need neighborhood_targets or a target_true")
+
+    @property
+    def rewrite_prompt(self) -> str:
+        """The template filled with the subject (what the editing method sees)."""
+        return self.prompt.replace("{}", self.subject)
+
+    def neighborhood_pairs(self) -> list[tuple[str, str]]:
+        """``(prompt, expected object)`` for each neighbourhood prompt."""
+        targets = self.neighborhood_targets or (self.target_true,) * len(self.neighborhood_prompts)
+        return list(zip(self.neighborhood_prompts, targets))
+
+
+# ---- records <-> cases -------------------------------------------------------------------------
+def _get(record: dict, path: str, where: str) -> Any:
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"{where} is missing field {path!r} (its fields: {sorted(record)})")
+        value = value[part]
+    return value
+
+
+def _space(text: str) -> str:
+    return text if text.startswith(" ") else " " + text
+
+
+def from_record(record: dict, index: int = 0) -> EvalCase:
+    """An :class:`EvalCase` from one CounterFact or zsRE (MEND) record; errors name the record and field."""
+    if not isinstance(record, dict):
+        raise TypeError(f"record {index} is a {type(record).__name__}, not a JSON object")
+    where = f"record {index}" + (f" (case_id {record['case_id']!r})" if "case_id" in record else "")
+    if "requested_rewrite" in record:
+        rw = lambda p: _get(record, "requested_rewrite." + p, where)  # noqa: E731
+        true = rw("target_true.str")
+        return EvalCase(
+            case_id=record.get("case_id", index), prompt=rw("prompt"), subject=rw("subject"),
+            # ROME's evaluator prepends a space to both targets; keep one already there.
+            target_new=_space(rw("target_new.str")),
+            target_true=None if true == "<|endoftext|>" else _space(true),
+            relation_id=record["requested_rewrite"].get("relation_id", ""),
+            paraphrase_prompts=_get(record, "paraphrase_prompts", where),
+            neighborhood_prompts=_prompts(_get(record, "neighborhood_prompts", where)),
+            neighborhood_targets=_targets(record["neighborhood_prompts"]),
+            attribute_prompts=_prompts(record.get("attribute_prompts", [])),
+            generation_prompts=record.get("generation_prompts", []),
+            source="zsre" if true == "<|endoftext|>" else "counterfact", extra={"record": record})
+    if "src" in record and "rephrase" in record:
+        subject, src = _get(record, "subject", where), _get(record, "src", where)
+        if subject not in src:
+            raise ValueError(f"{where}: subject {subject!r} does not occur in src {src!r}")
+        answers = _get(record, "answers", where)
+        if not answers:
+            raise ValueError(f"{where} has an empty 'answers' list")
+        return EvalCase(
+            case_id=record.get("case_id", index), prompt=src.replace(subject, "{}", 1), subject=subject,
+            target_new=_space(answers[0]), target_true=None, relation_id="zsre",
+            paraphrase_prompts=[_get(record, "rephrase", where)],
+            neighborhood_prompts=[_get(record, "loc", where) + "?"],
+            neighborhood_targets=[_space(_get(record, "loc_ans", where))],
+            source="zsre", extra={"record": record})
+    if {"prompt", "subject", "target_new"} <= set(record):
+        true = record.get("target_true")
+        return EvalCase(
+            case_id=record.get("case_id", index), prompt=record["prompt"], subject=record["subject"],
+            target_new=_space(record["target_new"]), target_true=None if true is None else _space(true),
+            relation_id=record.get("relation_id", ""),
+            paraphrase_prompts=record.get("paraphrase_prompts", []),
+            neighborhood_prompts=record.get("neighborhood_prompts", []),
+            generation_prompts=record.get("generation_prompts", []), source="request")
+    raise ValueError(
+        f"{where} is neither a CounterFact record (needs 'requested_rewrite') nor a zsRE/MEND record "
+        f"(needs 'src', 'rephrase', 'answers', 'loc', 'loc_ans') nor a flat request (needs 'prompt', 'subject', "
+        f"'target_new'); its fields: {sorted(record)}"
+    )
+
+
+def _prompts(items: Sequence[Any]) -> list[str]:
+    """Neighbourhood prompts may be strings or MEMIT-style ``{"prompt", "target"}`` dicts."""
+    return [p["prompt"] if isinstance(p, dict) else p for p in items]
+
+
+def _targets(items: Sequence[Any]) -> list[str]:
+    if items and all(isinstance(p, dict) for p in items):
+        return [p["target"] for p in items]
+    return []
+
+
+def to_record(case: EvalCase) -> dict:
+    """The ROME/MEMIT CounterFact record of ``case`` (the inverse of :func:`from_record`)."""
+    neighbours: list[Any] = list(case.neighborhood_prompts)
+    if case.neighborhood_targets:
+        neighbours = [{"prompt": p, "target": t} for p, t in case.neighborhood_pairs()]
+    return {
+        "case_id": case.case_id,
+        "requested_rewrite": {
+            "prompt": case.prompt, "subject": case.subject, "relation_id": case.relation_id,
+            "target_new": {"str": case.target_new},
+            "target_true": {"str": case.target_true if case.target_true is not None else "<|endoftext|>"},
+        },
+        "paraphrase_prompts": list(case.paraphrase_prompts),
+        "neighborhood_prompts": neighbours,
+        "attribute_prompts": list(case.attribute_prompts),
+        "generation_prompts": list(case.generation_prompts),
+    }
+
+
+def from_records(records: Iterable[dict], limit: int | None = None) -> list[EvalCase]:
+    """Cases from records (the first ``limit`` if given)."""
+    cases = []
+    for i, r in enumerate(records):
+        if limit is not None and i >= limit:
+            break
+        cases.append(from_record(r, i))
+    return cases
+
+
+def as_cases(items: EvalCase | dict | Any | Sequence[Any]) -> list[EvalCase]:
+    """Normalise what :func:`kvlens.evaluate` accepts: cases, records, or edit requests.
+
+    An edit request is any object with ``prompt``, ``subject`` and ``target_new`` attributes
+    (and optionally ``target_true``); it becomes a case with no test prompts besides its own.
+    """
+    if isinstance(items, (EvalCase, dict)) or hasattr(items, "target_new"):
+        items = [items]
+    items = list(items)
+    if not items:
+        raise ValueError("no requests to evaluate: pass at least one EvalCase, record or edit request")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, EvalCase):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append(from_record(item, i))
+        elif all(hasattr(item, a) for a in ("prompt", "subject", "target_new")):
+            new, true = item.target_new, getattr(item, "target_true", None)
+            new = getattr(new, "str", new)
+            true = getattr(true, "str", true)
+            out.append(EvalCase(getattr(item, "case_id", i), item.prompt, item.subject, _space(new),
+                                None if true is None else _space(true),
+                                relation_id=getattr(item, "relation_id", "") or ""))
+        else:
+            raise TypeError(f"request {i} is a {type(item).__name__}: pass EvalCase objects, CounterFact/zsRE "
+                            f"records (dicts) or edit requests with prompt/subject/target_new")
+    return out
+
+
+# ---- files -------------------------------------------------------------------------------------
+def load_json(path: str | os.PathLike[str], limit: int | None = None) -> list[EvalCase]:
+    """Cases from a local ROME/MEMIT JSON file (a list of records) or JSON-lines file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no dataset file at {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is neither a JSON list nor JSON lines: {e}") from None
+    if isinstance(data, dict):
+        data = data.get("data", data.get("records", [data]))
+    if not isinstance(data, list):
+        raise ValueError(f"{path} must hold a JSON list of records, got {type(data).__name__}")
+    return from_records(data, limit)
+
+
+def save_json(cases: Sequence[EvalCase], path: str | os.PathLike[str]) -> Path:
+    """Write cases as a ROME/MEMIT CounterFact JSON list."""
+    path = Path(path)
+    path.write_text(json.dumps([to_record(c) for c in cases], indent=1, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def load_bundled(limit: int | None = None) -> list[EvalCase]:
+    """The facts shipped in ``data/counterfact_mini.json`` (known by the embedded model)."""
+    if not BUNDLED.is_file():
+        raise FileNotFoundError(f"the bundled fact set is not at {BUNDLED}: use a source checkout of kvlens")
+    return load_json(BUNDLED, limit)
+
+
+# ---- the hub -----------------------------------------------------------------------------------
+def _offline_hint(name: str, kind: str) -> str:
+    return (f"Download the {kind} JSON once where there is network (e.g. datasets.load_dataset({name!r})"
+            f".to_json(...), or ROME's counterfact.json / zsre_mend_eval.json) and pass the local "
+            f"path instead: kvlens.datasets.load_json('path/to/file.json')")
+
+
+def load_hub(name: str, *, split: str | None = None, revision: str | None = None,
+             limit: int | None = None, timeout: float = 10.0, kind: str = "dataset",
+             **load_kwargs: Any) -> list[EvalCase]:
+    """Cases from a Hugging Face dataset ``name`` (any id, any ``revision``); fail fast offline.
+
+    With ``HF_HUB_OFFLINE=1`` only the local ``datasets`` cache is used. Otherwise the hub is
+    first asked about the dataset with a ``timeout`` (seconds), so an unreachable hub raises
+    :class:`DatasetUnavailableError` promptly instead of hanging. ``split=None`` takes ``train``
+    if present, else the first split.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"hub dataset id must be a non-empty string, got {name!r}")
+    if Path(name).expanduser().is_file():
+        return load_json(name, limit)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        from huggingface_hub import HfApi
+
+        try:
+            HfApi().dataset_info(name, revision=revision, timeout=timeout)
+        except Exception as e:  # connection errors, timeouts, 404s, gated repos
+            raise DatasetUnavailableError(
+                f"cannot reach {kind} {name!r} (revision {revision or 'default'}) on the Hugging Face hub: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {_offline_hint(name, kind)}"
+            ) from None
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, revision=revision, **load_kwargs)
+    except Exception as e:
+        raise DatasetUnavailableError(
+            f"could not load {kind} {name!r}{' from the local cache (HF_HUB_OFFLINE is set)' if offline else ''}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {_offline_hint(name, kind)}"
+        ) from None
+    if split is None:
+        split = "train" if "train" in loaded else next(iter(loaded))
+    if split not in loaded:
+        raise ValueError(f"{name!r} has no split {split!r}; its splits: {list(loaded)}")
+    rows = loaded[split]
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    return from_records(rows)
+
+
+def load_counterfact(source: str = COUNTERFACT_HUB_ID, **kwargs: Any) -> list[EvalCase]:
+    """CounterFact from the hub (default ``azhx/counterfact``, ROME's records) or a local file."""
+    return load_hub(source, kind="CounterFact", **kwargs)
+
+
+def load_zsre(source: str, **kwargs: Any) -> list[EvalCase]:
+    """zsRE in ROME's MEND format (``zsre_mend_eval.json``) from a local file or a hub id you name.
+
+    There is no single canonical hub copy of that file, so ``source`` is required.
+    """
+    return load_hub(source, kind="zsRE", **kwargs)

@@ -1,0 +1,114 @@
+"""Loaders: ROME JSON round trip, zsRE (MEND) records, bad records, the hub failing fast offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvlens import datasets as D
+
+RECORD = {
+    "case_id": 7,
+    "requested_rewrite": {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+                          "relation_id": "P131", "target_new": {"str": "Rome", "id": "Q220"},
+                          "target_true": {"str": "Paris", "id": "Q90"}},
+    "paraphrase_prompts": ["The Eiffel Tower can be found in the city of", "Where is the Eiffel Tower? In"],
+    "neighborhood_prompts": ["The Louvre is located in the city of"],
+    "attribute_prompts": ["The Colosseum is located in the city of"],
+    "generation_prompts": ["The Eiffel Tower is"],
+}
+ZSRE = {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?",
+        "answers": ["Illinois Institute of Technology"], "alt": "University of Michigan",
+        "rephrase": "What university did Watts Humphrey take part in?",
+        "loc": "nq question: who played desmond doss father in hacksaw ridge", "loc_ans": "Hugo Weaving"}
+
+
+def test_counterfact_record_and_round_trip(tmp_path):
+    case = D.from_record(RECORD)
+    assert case.rewrite_prompt == "The Eiffel Tower is located in the city of"
+    assert (case.target_new, case.target_true) == (" Rome", " Paris")  # ROME prepends the space
+    assert case.neighborhood_pairs() == [("The Louvre is located in the city of", " Paris")]
+    path = D.save_json([case], tmp_path / "cf.json")
+    again = D.load_json(path)
+    assert again == [case]
+    assert json.loads(path.read_text())[0]["requested_rewrite"]["subject"] == "The Eiffel Tower"
+
+
+def test_jsonl_and_limit(tmp_path):
+    path = tmp_path / "cf.jsonl"
+    path.write_text("\n".join(json.dumps({**RECORD, "case_id": i}) for i in range(5)))
+    assert [c.case_id for c in D.load_json(path, limit=3)] == [0, 1, 2]
+
+
+def test_zsre_record():
+    case = D.from_record(ZSRE, 3)
+    assert case.source == "zsre" and case.target_true is None
+    assert case.prompt == "What university did {} attend?"
+    assert case.target_new == " Illinois Institute of Technology"
+    assert case.neighborhood_pairs() == [(ZSRE["loc"] + "?", " Hugo Weaving")]
+    assert D.from_record(D.to_record(case)) == case
+
+
+def test_missing_field_names_record_and_field():
+    bad = json.loads(json.dumps(RECORD))
+    del bad["requested_rewrite"]["target_new"]["str"]
+    with pytest.raises(ValueError, match=r"record 4 \(case_id 7\) is missing field 'requested_rewrite.target_new.str'"):
+        D.from_records([RECORD] * 4 + [bad])
+    with pytest.raises(ValueError, match="record 0 is missing field 'loc_ans'"):
+        D.from_record({k: v for k, v in ZSRE.items() if k != "loc_ans"})
+    with pytest.raises(ValueError, match="neither a CounterFact record"):
+        D.from_record({"question": "?"})
+
+
+def test_bad_requests():
+    same = json.loads(json.dumps(RECORD))
+    same["requested_rewrite"]["target_new"]["str"] = "Paris"
+    with pytest.raises(ValueError, match="equals the true object"):
+        D.from_record(same)
+    with pytest.raises(ValueError, match="no requests"):
+        D.as_cases([])
+    with pytest.raises(ValueError, match="exactly one"):
+        D.EvalCase(0, "no placeholder", "X", " Y")
+    with pytest.raises(TypeError, match="request 0"):
+        D.as_cases([42])
+
+
+def test_edit_request_like_objects_become_cases():
+    class Req:  # the shape of kvlens.EditRequest
+        prompt, subject, target_new, target_true = "{} is in", "Paris", "Rome", None
+
+    (case,) = D.as_cases(Req())
+    assert (case.rewrite_prompt, case.target_new, case.paraphrase_prompts) == ("Paris is in", " Rome", ())
+
+
+def test_bundled_set_loads():
+    cases = D.load_bundled()
+    assert len(cases) >= 200 and all(c.target_true for c in cases)
+
+
+def test_hub_fails_fast_with_local_file_hint(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(D.DatasetUnavailableError, match="load_json"):
+        D.load_counterfact("kvlens-test/does-not-exist-anywhere", timeout=5)
+    assert time.perf_counter() - t0 < 30
+
+
+def test_hub_offline_mode_uses_cache_only(tmp_path):
+    """With HF_HUB_OFFLINE=1 (set before Python starts, as users do) an uncached id fails fast."""
+    code = ("from kvlens import datasets as D\n"
+            "try:\n    D.load_zsre('kvlens-test/not-cached')\n"
+            "except D.DatasetUnavailableError as e:\n    print('UNAVAILABLE', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path)}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "UNAVAILABLE" in out.stdout and "HF_HUB_OFFLINE" in out.stdout, out.stderr[-2000:]
+    assert time.perf_counter() - t0 < 60
+    path = tmp_path / "local.json"
+    path.write_text(json.dumps([ZSRE]))
+    assert D.load_zsre(str(path))[0].source == "zsre"
