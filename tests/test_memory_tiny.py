@@ -116,6 +116,15 @@ def test_find_memories_scores_and_ranks(m):
     assert [abs(f.score) for f in both.found] == pytest.approx(found.scores[0].abs().topk(3).values.tolist())
 
 
+@pytest.mark.parametrize("norm", ["none", "frozen", "final"])
+def test_find_memories_zscore_equals_full_projection(m, norm):
+    found = vocab.find_memories(m, 5, layers=[2], k=3, norm=norm, by="zscore")
+    logits = vocab.to_vocab(m, m.V(2).float(), norm)
+    z = (logits[:, 5] - logits.mean(-1)) / logits.std(-1, correction=0)
+    torch.testing.assert_close(found.scores[2], z, rtol=1e-3, atol=1e-3)
+    assert [f.memory for f in found.found] == z.topk(3).indices.tolist()
+
+
 def test_vocab_errors(m):
     with pytest.raises(ValueError, match="not a single token: it splits into \\[.*\\]; the first is"):
         vocab.find_memories(m, "ab")
@@ -131,6 +140,8 @@ def test_vocab_errors(m):
         vocab.values(m, 0, [0], norm="ln")
     with pytest.raises(IndexError, match="token id"):
         vocab.find_memories(m, 10_000)
+    with pytest.raises(ValueError, match="by must be"):
+        vocab.find_memories(m, 5, by="rank")
 
 
 @pytest.mark.parametrize("norm", ["frozen", "none"])

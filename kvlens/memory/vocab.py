@@ -209,7 +209,8 @@ def values(model: KVModel, layer: int, memories: int | Sequence[int], *, k: int 
 
 @dataclass(frozen=True)
 class FoundMemory:
-    """One value that promotes the token: its score ``v·E[t]`` and the token's rank among its logits."""
+    """One value that promotes the token: its score (logit ``r(v)·E[t]`` or z-score) and the token's
+    rank (0 = top) among all logits of ``sign(score)·v``."""
 
     layer: int
     memory: int
@@ -221,13 +222,14 @@ class FoundMemory:
 class FoundMemories:
     """The values that most promote ``token`` (``found``, best first) and every value's score.
 
-    ``scores[layer]`` is ``[d_ff]``: the logit of ``token`` read from each value of ``layer``.
+    ``scores[layer]`` is ``[d_ff]``: the score (``by``) of ``token`` for each value of ``layer``.
     """
 
     model_name: str
     token: str
     token_id: int
     norm: str
+    by: str
     found: list[FoundMemory]
     scores: dict[int, torch.Tensor]
 
@@ -241,24 +243,49 @@ def _token_rank(model: KVModel, vector: torch.Tensor, token_id: int, norm: Norm)
     return int((logits > logits[token_id]).sum())
 
 
+def _zscores(model: KVModel, vectors: torch.Tensor, logit: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """``(logit - mean) / std`` of the token's logit among all logits of each vector, without
+    projecting onto the whole vocabulary: ``mean = r(v)·Ē`` and ``var = r(v)ᵀ Cov(E) r(v)``."""
+    E = unembedding_matrix(model)
+    read = vectors.to(E.device).float()
+    if norm == "frozen":
+        read = frozen_norm(model)(read)
+    elif norm == "final":  # logits = n(v)·E + b: append b as a column of E read with weight 1
+        read, bias = apply_final_norm(model, read), unembedding_bias(model)
+        if bias is not None:
+            E = torch.cat([E, bias[:, None]], 1)
+            read = torch.cat([read, torch.ones_like(read[:, :1])], 1)
+    mean, cov = E.mean(0), torch.cov(E.T, correction=0)
+    return (logit.to(E.device) - read @ mean) / ((read @ cov) * read).sum(-1).clamp_min(1e-12).sqrt()
+
+
 def find_memories(model: KVModel, token: str | int, layers: Sequence[int] | None = None, *,
-                  k: int = 10, norm: Norm = "none", both_signs: bool = False) -> FoundMemories:
+                  k: int = 10, norm: Norm = "none", by: Literal["logit", "zscore"] = "logit",
+                  both_signs: bool = False) -> FoundMemories:
     """The ``k`` values (over ``layers``, all if None) whose projection most promotes ``token``.
 
     Scores every value ``v_i`` of every layer by the logit it gives ``token`` (``v_i · E[t]``
     for ``norm="none"``; Geva et al. 2021, Eq. 3) — "which memories write ' Paris'?".
     ``token`` is a single-token string (a multi-token string raises, naming its pieces) or an id.
+    ``by="zscore"`` ranks by how many standard deviations the token's logit lies above the
+    value's mean logit over the vocabulary (specific values first, large generic ones later).
     With ``both_signs`` values are ranked by ``|score|``: in gated (SwiGLU) FFNs coefficients
     take both signs, and a value with a negative score promotes the token when ``m_i < 0``.
     """
     check_k(k)
     check_norm(norm)
+    if by not in ("logit", "zscore"):
+        raise ValueError(f"by must be 'logit' or 'zscore', got {by!r}")
     chosen = check_layers(model, layers)
     tid, text = resolve_token(model, token)
     E = unembedding_matrix(model)
     scores: dict[int, torch.Tensor] = {}
     for layer in chosen:
-        scores[layer] = to_vocab_column(model, model.V(layer).detach().float(), tid, norm).cpu()
+        V = model.V(layer).detach().float()
+        scores[layer] = to_vocab_column(model, V, tid, norm)
+        if by == "zscore":
+            scores[layer] = _zscores(model, V, scores[layer], norm)
+        scores[layer] = scores[layer].cpu()
     flat = torch.cat([scores[l] for l in chosen])
     best = (flat.abs() if both_signs else flat).topk(min(k, flat.numel())).indices.tolist()
     found = []
@@ -267,7 +294,7 @@ def find_memories(model: KVModel, token: str | int, layers: Sequence[int] | None
         vector = model.V(layer)[memory].detach().float()
         sign = -1.0 if flat[i] < 0 else 1.0  # the rank the token has when the memory writes s·v
         found.append(FoundMemory(layer, memory, float(flat[i]), _token_rank(model, sign * vector, tid, norm)))
-    return FoundMemories(model.name, text, tid, norm, found, scores)
+    return FoundMemories(model.name, text, tid, norm, by, found, scores)
 
 
 def to_vocab_column(model: KVModel, vectors: torch.Tensor, token_id: int, norm: Norm = "none") -> torch.Tensor:
