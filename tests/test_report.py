@@ -64,3 +64,24 @@ def test_report_with_only_a_figure_section_list(tmp_path):
                                    figures=[go.Figure(go.Scatter(y=[3, 1]))]))
     path = r.save(tmp_path / "deep" / "r.html")
     assert path.read_text().count("Plotly.newPlot") == 2
+
+
+def test_memory_results_render_with_their_parameters(embedded):
+    from kvlens.memory.intervene import intervene
+    from kvlens.memory.lens import logit_lens
+    from kvlens.memory.vocab import find_memories, values
+
+    proj = values(embedded, 20, [5, 6, 7, 8, 9], k=5)
+    found = find_memories(embedded, " Paris", layers=[20, 25], k=4)
+    lens = logit_lens(embedded, "The Eiffel Tower is located in the city of", layers=[5, 15, 25])
+    iv = intervene(embedded, "The Eiffel Tower is located in the city of",
+                   {(f.layer, f.memory): 0.0 for f in found.found}, target=" Paris")
+    r = Report("memories").add(proj, found, lens, iv)
+    titles = [s.title for s in r.sections]
+    assert titles[:2] == ["Values of layer 20 in vocabulary space", "Memories whose value writes ' Paris'"]
+    assert titles[2].startswith("Logit lens") and titles[3] == "Intervention on memories"
+    assert len(r.sections[0].all_figures()) == 4 and len(r.sections[0].table) == 5
+    assert r.sections[0].params["memories"] == [5, 6, 7, 8, 9] and r.sections[1].params["layers"] == [20, 25]
+    assert [row["memory"] for row in r.sections[1].table] == [f.memory for f in found.found]
+    assert f"{iv.after.top!r}" in r.sections[3].text and r.sections[3].table[0]["after"] == iv.after.tokens[0]
+    assert r.to_html().count("Plotly.newPlot") == 6

@@ -22,14 +22,17 @@ from typing import Any, Iterable, Mapping
 
 import plotly.graph_objects as go
 
-from kvlens.memory.activations import KeyActivations, TopMemories
-from kvlens.views import figures
 from kvlens.views.report import Section
 
 
 @functools.singledispatch
 def to_sections(result: Any) -> list[Section]:
     """The report sections showing ``result`` (a clear error for types with no renderer)."""
+    if not load_renderers.cache_info().currsize:  # first call: the renderer modules register
+        load_renderers()
+        impl = to_sections.dispatch(type(result))
+        if impl is not to_sections.registry[object]:
+            return impl(result)
     raise TypeError(
         f"Report.add cannot show a {type(result).__module__}.{type(result).__qualname__}: no renderer is "
         "registered for it. Pass a Section, a plotly Figure, a string, a kvlens result, or register one "
@@ -66,39 +69,9 @@ def _mapping(result: Mapping[str, Any]) -> list[Section]:
     return [Section(str(result.get("title", "Values")), table=rows)]
 
 
-def top_memories_rows(top: TopMemories) -> list[dict[str, Any]]:
-    """Rows of a table of the strongest memories at one token."""
-    return [{"rank": r + 1, "memory": m, "coefficient": c}
-            for r, (m, c) in enumerate(zip(top.memories, top.coefficients))]
-
-
-@to_sections.register
-def _top_memories(result: TopMemories) -> list[Section]:
-    return [Section(f"Strongest memories at layer {result.layer}, token {result.token!r}",
-                    table=top_memories_rows(result),
-                    params={"layer": result.layer, "token_index": result.token_index, "k": len(result.memories)})]
-
-
-@to_sections.register
-def _key_activations(result: KeyActivations, k: int = 10) -> list[Section]:
-    out = []
-    for p, prompt in enumerate(result.batch.prompts):
-        for layer in result.layers:
-            top = result.top(layer, k=k, prompt=p)
-            text = (f"Memory coefficients (input of the value projection) at layer {layer} for {prompt!r}. "
-                    f"At the last token {top.token!r} the strongest memories are "
-                    + ", ".join(f"m{m} ({c:+.2f})" for m, c in zip(top.memories, top.coefficients)) + ".")
-            out.append(Section(f"Key activations at layer {layer}", text=text,
-                               table=top_memories_rows(top),
-                               figure=figures.key_activation_heatmap(result, layer, prompt=p),
-                               params={"model": result.model_name, "prompt": prompt, "layer": layer,
-                                       "k": k, "heatmap_k": 20}))
-    return out
-
-
-#: Views modules that register renderers for the results they draw; imported on first use so
-#: that a result type whose module is not installed does not break the others.
-RENDERER_MODULES: tuple[str, ...] = ()
+#: Views modules that register renderers for the results they draw (imported on first use, so
+#: that importing the report does not import every verb).
+RENDERER_MODULES: tuple[str, ...] = ("kvlens.views.render_memory",)
 
 
 @functools.cache
