@@ -323,3 +323,30 @@ def load_zsre(source: str, **kwargs: Any) -> list[EvalCase]:
     There is no single canonical hub copy of that file, so ``source`` is required.
     """
     return load_hub(source, kind="zsRE", **kwargs)
+
+
+REFERENCE_TEXTS = BUNDLED.parent / "reference_texts.json"
+
+
+def load_reference_texts(path: str | os.PathLike[str] | None = None) -> dict[str, list[str]]:
+    """Reference texts for RS, ``{object without its leading space: [texts]}``.
+
+    Default: ``data/reference_texts.json``, written for every object of the bundled set (CC0).
+    Keys starting with ``_`` (notes) are skipped.
+    """
+    path = Path(path).expanduser() if path is not None else REFERENCE_TEXTS
+    if not path.is_file():
+        raise FileNotFoundError(f"no reference-text file at {path}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object {{object: [texts]}}")
+    out = {}
+    for key, texts in data.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(f"{path}: object {key!r} needs a non-empty list of texts")
+        out[key.strip()] = list(texts)
+    return out

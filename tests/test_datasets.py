@@ -112,3 +112,13 @@ def test_hub_offline_mode_uses_cache_only(tmp_path):
     path = tmp_path / "local.json"
     path.write_text(json.dumps([ZSRE]))
     assert D.load_zsre(str(path))[0].source == "zsre"
+
+
+def test_reference_texts_cover_every_bundled_object(tmp_path):
+    refs = D.load_reference_texts()
+    objects = {c.target_new.strip() for c in D.load_bundled()} | {c.target_true.strip() for c in D.load_bundled()}
+    assert objects <= set(refs)
+    bad = tmp_path / "refs.json"
+    bad.write_text(json.dumps({"Paris": []}))
+    with pytest.raises(ValueError, match="'Paris' needs a non-empty list"):
+        D.load_reference_texts(bad)

@@ -86,3 +86,14 @@ def test_bad_inputs():
         M.efficacy_success([float("nan")], [1.0])
     with pytest.raises(ValueError, match="non-empty corpus"):
         M.TfIdf.fit([])
+
+
+def test_repetition_lowers_ge_of_the_bundled_fluency_sample():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "data" / "fluency_sample.txt").read_text(encoding="utf-8")
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    assert len(paragraphs) >= 3
+    for p in paragraphs:
+        first = p.split(". ")[0] + ". "
+        assert M.ngram_entropy(p) > M.ngram_entropy(first * 5) > 0

@@ -1,0 +1,130 @@
+"""Plotly figures of evaluation results: pure functions from :class:`~kvlens.evaluate.EditReport` s.
+
+* :func:`metrics_bars` — one report: each metric before/after with 95 % CI error bars;
+* :func:`method_comparison` — several reports (e.g. key-side vs value-side methods): grouped bars;
+* :func:`scaling_curve` — a metric against the number of edits, per method, the unedited
+  baseline dotted (MEMIT Fig. 5 style);
+* :func:`case_shift` — per-case before vs after of one metric (which requests moved).
+
+Every axis or legend names the metric's convention (counterfact / zsre / easyedit / generation).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import plotly.graph_objects as go
+
+from kvlens.evaluate import AGGREGATES, EditReport
+from kvlens.metrics import Estimate
+
+DEFAULT_METRICS = ("ES", "PS", "NS", "S")
+_PER_CASE_KEY = {name: key for name, key, _ in AGGREGATES}
+
+
+def _bar(name: str, estimates: Sequence[Estimate | None], metrics: Sequence[str], **kw) -> go.Bar:
+    ys = [None if e is None else e.mean for e in estimates]
+    plus = [0 if e is None else e.high - e.mean for e in estimates]
+    minus = [0 if e is None else e.mean - e.low for e in estimates]
+    hover = [f"{m}: n/a" if e is None else f"{m} = {e} (n={e.n}, {e.convention})"
+             for m, e in zip(metrics, estimates)]
+    return go.Bar(name=name, x=list(metrics), y=ys, hovertext=hover, hoverinfo="text",
+                  error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus), **kw)
+
+
+def _conventions(reports: Sequence[EditReport], metrics: Sequence[str]) -> str:
+    seen = {}
+    for r in reports:
+        for state in r.aggregate.values():
+            for m in metrics:
+                if m in state:
+                    seen.setdefault(m, state[m].convention)
+    return ", ".join(f"{m}: {c}" for m, c in seen.items())
+
+
+def _check_metrics(metrics: Sequence[str]) -> None:
+    if not metrics:
+        raise ValueError("no metrics to plot: name at least one, e.g. ('ES', 'PS', 'NS', 'S')")
+
+
+def metrics_bars(report: EditReport, metrics: Sequence[str] = DEFAULT_METRICS) -> go.Figure:
+    """Each metric (x100) in every state of ``report`` with its 95 % CI."""
+    _check_metrics(metrics)
+    fig = go.Figure([_bar(state, [report.aggregate[state].get(m) for m in metrics], metrics)
+                     for state in report.states])
+    fig.update_layout(barmode="group", title=f"{report.method or 'unedited'} on {report.model} "
+                      f"({len(report.cases)} cases)", yaxis_title="score (x100, 95% CI)",
+                      xaxis_title=_conventions([report], metrics), legend_title="state")
+    return fig
+
+
+def method_comparison(reports: Mapping[str, EditReport], metrics: Sequence[str] = DEFAULT_METRICS,
+                      state: str = "after", baseline: EditReport | None = None) -> go.Figure:
+    """Grouped bars: one group per metric, one bar per method (``state`` of each report).
+
+    ``baseline`` adds the unedited model's values (its ``before``/``current`` state) as a grey bar.
+    """
+    _check_metrics(metrics)
+    if not reports:
+        raise ValueError("no reports to compare: pass {method name: EditReport}")
+    bars = []
+    if baseline is not None:
+        base_state = "before" if "before" in baseline.aggregate else baseline.states[0]
+        bars.append(_bar("unedited", [baseline.aggregate[base_state].get(m) for m in metrics], metrics,
+                         marker_color="lightgrey"))
+    for name, r in reports.items():
+        s = state if state in r.aggregate else r.states[-1]
+        bars.append(_bar(name, [r.aggregate[s].get(m) for m in metrics], metrics))
+    fig = go.Figure(bars)
+    fig.update_layout(barmode="group", title="Editing methods compared", yaxis_title="score (x100, 95% CI)",
+                      xaxis_title=_conventions(list(reports.values()), metrics), legend_title="method")
+    return fig
+
+
+def scaling_curve(series: Mapping[str, Sequence[tuple[int, EditReport]]], metric: str = "ES",
+                  state: str = "after", baseline: EditReport | None = None) -> go.Figure:
+    """``metric`` against the number of edits n (log axis), one line per method, CI band as error bars.
+
+    ``series[method]`` is a list of ``(n, report)``; ``baseline`` draws the unedited value dotted.
+    """
+    if not series:
+        raise ValueError("no series to plot: pass {method: [(n_edits, EditReport), ...]}")
+    fig = go.Figure()
+    convention = ""
+    for name, points in series.items():
+        if not points:
+            raise ValueError(f"series {name!r} has no points")
+        pts = sorted(points, key=lambda p: p[0])
+        ests = [r.metric(metric, state) for _, r in pts]
+        convention = ests[0].convention
+        fig.add_trace(go.Scatter(x=[n for n, _ in pts], y=[e.mean for e in ests], mode="lines+markers", name=name,
+                                 error_y=dict(type="data", symmetric=False, array=[e.high - e.mean for e in ests],
+                                              arrayminus=[e.mean - e.low for e in ests])))
+    if baseline is not None:
+        base_state = "before" if "before" in baseline.aggregate else baseline.states[0]
+        value = baseline.aggregate[base_state][metric].mean
+        fig.add_hline(y=value, line_dash="dot", line_color="grey", annotation_text="unedited")
+    fig.update_layout(title=f"{metric} against the number of edits", xaxis_type="log",
+                      xaxis_title="number of edits", yaxis_title=f"{metric} (x100, {convention}, 95% CI)",
+                      legend_title="method")
+    return fig
+
+
+def case_shift(report: EditReport, metric: str = "EM") -> go.Figure:
+    """Per case: ``metric`` before (x) vs after (y), one point per request, the diagonal dotted."""
+    if not {"before", "after"} <= set(report.states):
+        raise ValueError(f"case_shift needs a report with before and after states, got {report.states}")
+    key = _PER_CASE_KEY.get(metric, metric)
+    before = [row.get(key) for row in report.per_case["before"]]
+    after = [row.get(key) for row in report.per_case["after"]]
+    if any(v is None for v in before + after):
+        raise ValueError(f"metric {metric!r} is not in every case; available: {sorted(report.per_case['after'][0])}")
+    labels = [f"{c.subject} -> {c.target_new.strip()}" for c in report.cases]
+    lo, hi = min(before + after), max(before + after)
+    fig = go.Figure([go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"),
+                                name="unchanged"),
+                     go.Scatter(x=before, y=after, mode="markers", text=labels, name="case",
+                                hovertemplate="%{text}<br>before %{x:.3f}<br>after %{y:.3f}")])
+    fig.update_layout(title=f"{metric} per request, before vs after {report.method or 'the edit'}",
+                      xaxis_title=f"{metric} before", yaxis_title=f"{metric} after")
+    return fig

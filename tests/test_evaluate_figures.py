@@ -1,0 +1,56 @@
+"""Evaluation figures from reports on a tiny model: traces, values and error bars match the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny
+from kvlens.datasets import EvalCase
+from kvlens.evaluate import evaluate
+from kvlens.views import eval_figures as F
+from test_evaluate import ShiftDelta
+
+
+@pytest.fixture(scope="module")
+def reports():
+    model = tiny("llama")
+    cases = [EvalCase(i, "{} is in", s, " xy", " zw", paraphrase_prompts=(f"{s} lies in",),
+                      neighborhood_prompts=("def is in",)) for i, s in enumerate(["abc", "abd", "abe"])]
+    torch.manual_seed(0)
+    small = evaluate(model, cases, ShiftDelta(1, torch.randn(model.d_model), 0.2))
+    big = evaluate(model, cases, ShiftDelta(1, torch.randn(model.d_model), 2.0), baseline=small)
+    return small, big
+
+
+def test_metrics_bars_match_report(reports):
+    small, _ = reports
+    fig = F.metrics_bars(small, ["ES", "NS", "EM"])
+    assert [t.name for t in fig.data] == ["before", "after"]
+    after = fig.data[1]
+    assert list(after.y) == [small.aggregate["after"][m].mean for m in ["ES", "NS", "EM"]]
+    em = small.aggregate["after"]["EM"]
+    assert after.error_y.array[2] == pytest.approx(em.high - em.mean)
+    assert "counterfact" in fig.layout.xaxis.title.text
+
+
+def test_method_comparison_and_scaling(reports):
+    small, big = reports
+    fig = F.method_comparison({"small": small, "big": big}, ["ES", "Locality"], baseline=small)
+    assert [t.name for t in fig.data] == ["unedited", "small", "big"]
+    assert fig.data[0].y[1] is None  # no locality for the unedited model
+    curve = F.scaling_curve({"shift": [(10, big), (1, small)]}, "EM", baseline=small)
+    assert list(curve.data[0].x) == [1, 10]
+    assert curve.layout.xaxis.type == "log"
+    assert curve.layout.shapes[0].line.dash == "dot"
+    with pytest.raises(ValueError, match="no series"):
+        F.scaling_curve({})
+
+
+def test_case_shift(reports):
+    small, _ = reports
+    fig = F.case_shift(small, "EM")
+    assert len(fig.data[1].x) == 3
+    assert list(fig.data[1].x) == [row["EM"] for row in small.per_case["before"]]
+    with pytest.raises(ValueError, match="not in every case"):
+        F.case_shift(small, "GE")
