@@ -141,6 +141,54 @@ def trainable(*tensors: torch.nn.Parameter):
             t.requires_grad_(flag)
 
 
+def layer_outputs(model: KVModel, batch: Batch, upto: int) -> list[object]:
+    """What decoder layers ``0..upto`` return for ``batch`` (no grad), to replay with :func:`run_skipping`.
+
+    Each entry is the layer's output as the family returns it (a tensor or a tuple).
+    """
+    upto = model.check_layer(upto)
+    outs: list[object] = []
+    with torch.no_grad(), model.nn.trace(**batch.inputs()) as tracer:
+        for layer in range(upto + 1):
+            envoy, _ = model.envoy(Site("resid", layer))
+            outs.append(nnsight.save(envoy.output))
+        tracer.stop()
+    return list(outs)
+
+
+def run_skipping(model: KVModel, batch: Batch, outputs: Sequence[object], *, top: Write,
+                 read: Iterable[Site] = (), grad: bool = False, stop: bool = False) -> dict[Site, torch.Tensor]:
+    """A forward in which layers ``0..len(outputs)-1`` are not computed but return ``outputs``.
+
+    The hidden state of the last skipped layer first goes through ``top`` (e.g. :func:`add_at`
+    with a leaf ``delta``), so states above depend on it and can carry gradients. Work below is
+    fixed and skipped: MEMIT's z optimisation only needs the layers above its target layer.
+    ``read`` must name sites above the skipped layers.
+    """
+    if not outputs:
+        raise ValueError("run_skipping needs the outputs of at least one layer")
+    last = len(outputs) - 1
+    read = sorted(set(read), key=lambda s: s.order(model.n_layers))
+    for site in read:
+        if site.kind != "logits" and site.layer <= last:
+            raise ValueError(f"cannot read {site}: layers 0..{last} are skipped")
+    saved: dict[Site, torch.Tensor] = {}
+    grad_mode = torch.enable_grad() if grad else torch.no_grad()
+    with grad_mode, model.nn.trace(**batch.inputs()) as tracer:
+        for layer, out in enumerate(outputs):
+            envoy, _ = model.envoy(Site("resid", layer))
+            if layer == last:
+                out = (top(out[0]), *out[1:]) if isinstance(out, tuple) else top(out)
+            envoy.skip(out)
+        for site in read:
+            envoy, attr = model.envoy(site)
+            value = getattr(envoy, attr)
+            saved[site] = nnsight.save(value[0] if isinstance(value, tuple) else value)
+        if stop:
+            tracer.stop()
+    return saved
+
+
 class _TraceOptions:
     """An nnsight model whose traces all get extra keyword arguments; everything else delegates."""
 

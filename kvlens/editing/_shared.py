@@ -1,0 +1,316 @@
+"""The core every editing method shares, written once.
+
+* prefix contexts x_j (seeded, recorded in the delta; ROME/MEMIT sampled them unseeded);
+* rows: each request's prompt in every context, teacher-forced with its target tokens, plus the
+  "{subject} is a" prompt of the essence KL term, with the subject's last token located by
+  :func:`kvlens.prompts.subject_span`;
+* states at the subject's last token averaged over contexts (the key k* of ROME, Eq. 19 of MEMIT);
+* per-request losses (length-normalized NLL of the target + KL + decay);
+* target-vector optimisation (ROME compute_v / MEMIT compute_z, Eq. 16) for many requests at once;
+* the before/after probability of every target on its own prompt.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from kvlens import tracing
+from kvlens.corpus import to_batch
+from kvlens.editing.hparams import Contexts
+from kvlens.editing.request import EditRequest
+from kvlens.models.kvmodel import Batch, KVModel, Site
+from kvlens.prompts import subject_span
+
+_STARTERS = ("The", "Therefore", "Because", "I", "You")  # MEMIT's generation seeds
+KL_PROMPT = "{} is a"  # ROME's essence prompt
+
+
+def context_templates(model: KVModel, contexts: Contexts) -> tuple[str, ...]:
+    """``("{}", "x_1. {}", ...)``: ``contexts.n`` prefixes sampled top-5 from the model, seeded."""
+    gen = torch.Generator().manual_seed(contexts.seed)
+    out = ["{}"]
+    for j in range(contexts.n):
+        ids = model.tokenize(_STARTERS[j % len(_STARTERS)]).input_ids
+        step, past, picked = ids, None, []
+        with torch.no_grad():
+            for _ in range(contexts.tokens):
+                res = model.hf(input_ids=step, past_key_values=past, use_cache=True)
+                top = torch.topk(res.logits[0, -1].float().cpu(), 5)
+                pick = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]
+                step, past = pick.view(1, 1).to(ids.device), res.past_key_values
+                picked.append(int(pick))
+        text = model.tokenizer.decode(ids[0, -1:].tolist() + picked)
+        text = " ".join(text.replace("{", " ").replace("}", " ").split()) or _STARTERS[0]
+        out.append(text + ". {}")
+    return tuple(out)
+
+
+def target_ids(model: KVModel, request: EditRequest) -> list[int]:
+    """Token ids of the request's new target (with its leading space, as ROME does)."""
+    ids = list(model.tokenizer(request.target_text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError(f"target {request.target_new!r} has no tokens")
+    return ids
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Prompts of a set of requests in one right-padded batch, with the positions methods need.
+
+    ``request[r]`` / ``subject[r]`` / ``context[r]``: the request, subject-last column and
+    context index of row r (context -1 = the KL prompt). ``tgt_*``: one entry per teacher-forced
+    target token (row, column predicting it, its id, weight so that each request's weights sum to
+    1 over its rewrite rows).
+    """
+
+    batch: Batch
+    request: torch.Tensor
+    subject: torch.Tensor
+    context: torch.Tensor
+    tgt_row: torch.Tensor
+    tgt_col: torch.Tensor
+    tgt_id: torch.Tensor
+    tgt_weight: torch.Tensor
+    n_requests: int
+
+    @property
+    def kl_rows(self) -> torch.Tensor:
+        return (self.context < 0).nonzero().flatten()
+
+    def select(self, requests: Sequence[int] | torch.Tensor, *, clean: bool = False) -> "Rows":
+        """The rows of ``requests`` (renumbered 0..), optionally only their clean prompts."""
+        req = torch.as_tensor(requests, dtype=torch.long)
+        remap = torch.full((self.n_requests,), -1, dtype=torch.long)
+        remap[req] = torch.arange(len(req))
+        keep = remap[self.request] >= 0
+        if clean:
+            keep &= self.context == 0
+        rows = keep.nonzero().flatten()
+        new_row = torch.full((len(self.request),), -1, dtype=torch.long)
+        new_row[rows] = torch.arange(len(rows))
+        t = keep[self.tgt_row].nonzero().flatten()
+        width = int(self.batch.attention_mask[rows].sum(-1).max())
+        dev = self.batch.input_ids.device
+        batch = Batch(self.batch.input_ids[rows.to(dev), :width], self.batch.attention_mask[rows.to(dev), :width],
+                      tuple(self.batch.prompts[i] for i in rows.tolist()))
+        return Rows(batch, remap[self.request[rows]], self.subject[rows], self.context[rows],
+                    new_row[self.tgt_row[t]], self.tgt_col[t], self.tgt_id[t], self.tgt_weight[t], len(req))
+
+
+def build_rows(model: KVModel, requests: Sequence[EditRequest], templates: Sequence[str], *,
+               kl: bool = True) -> Rows:
+    """Rows for every (request, context) teacher-forced with the target, plus KL rows if ``kl``."""
+    ids: list[list[int]] = []
+    meta: list[tuple[int, int, int]] = []
+    tgt: list[tuple[int, int, int, float]] = []
+    for i, req in enumerate(requests):
+        target = target_ids(model, req)
+        for j, ctx in enumerate(templates):
+            template = ctx.replace("{}", req.prompt)
+            span = subject_span(model, template, req.subject)
+            prompt_ids = model.tokenize(span.prompt).input_ids[0].tolist()
+            for k, tok in enumerate(target):
+                tgt.append((len(ids), len(prompt_ids) - 1 + k, tok, 1.0 / (len(target) * len(templates))))
+            meta.append((i, span.last, j))
+            ids.append(prompt_ids + target[:-1])
+        if kl:
+            span = subject_span(model, KL_PROMPT, req.subject)
+            meta.append((i, span.last, -1))
+            ids.append(model.tokenize(span.prompt).input_ids[0].tolist())
+    base = to_batch(ids, model.tokenizer.pad_token_id, model.device)
+    m = torch.tensor(meta, dtype=torch.long)
+    t = torch.tensor([x[:3] for x in tgt], dtype=torch.long)
+    return Rows(base, m[:, 0], m[:, 1], m[:, 2], t[:, 0], t[:, 1], t[:, 2],
+                torch.tensor([x[3] for x in tgt]), len(requests))
+
+
+def subject_states(model: KVModel, rows: Rows, sites: Sequence[Site], *, chunk: int = 32) -> dict[Site, torch.Tensor]:
+    """States at each row's subject-last token, averaged per request over its non-KL rows: ``[N, ...]``.
+
+    Runs ``chunk`` requests per forward (memory stays bounded for thousands of requests).
+    """
+    if rows.n_requests > chunk:
+        parts = [subject_states(model, rows.select(range(lo, min(lo + chunk, rows.n_requests))), sites)
+                 for lo in range(0, rows.n_requests, chunk)]
+        return {s: torch.cat([p[s] for p in parts]) for s in sites}
+    keep = (rows.context >= 0).nonzero().flatten()
+    top = max(s.layer for s in sites)
+    states = tracing.run(model, rows.batch, read=sites, stop=top < model.n_layers - 1)
+    counts = torch.bincount(rows.request[keep], minlength=rows.n_requests).float()
+    out = {}
+    for site, s in states.items():
+        picked = s[keep.to(s.device), rows.subject[keep].to(s.device)].float().cpu()
+        total = torch.zeros(rows.n_requests, *picked.shape[1:]).index_add_(0, rows.request[keep], picked)
+        out[site] = total / counts.view(-1, *([1] * (picked.dim() - 1)))
+    return out
+
+
+def decode_at(model: KVModel, final: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the vocabulary from the last layer's states at (rows, cols)."""
+    h = final[rows.to(final.device), cols.to(final.device)]
+    return torch.log_softmax(model.unembedding(model.final_norm(h)).float(), -1)
+
+
+def request_losses(rows: Rows, tgt_logp: torch.Tensor, kl_logp: torch.Tensor | None,
+                   kl_init: torch.Tensor | None, kl_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-request (NLL, KL): length-normalized target NLL averaged over contexts; KL(init ‖ now)."""
+    nll = torch.zeros(rows.n_requests, device=tgt_logp.device).index_add(
+        0, rows.request[rows.tgt_row].to(tgt_logp.device), -tgt_logp * rows.tgt_weight.to(tgt_logp.device))
+    kl = torch.zeros_like(nll)
+    if kl_logp is not None and kl_init is not None and kl_factor > 0:
+        per = torch.nn.functional.kl_div(kl_logp, kl_init, log_target=True, reduction="none").sum(-1)
+        kl = kl.index_add(0, rows.request[rows.kl_rows].to(per.device), kl_factor * per)
+    return nll, kl
+
+
+def forward_logprobs(model: KVModel, rows: Rows, write: tracing.Write | None, *, layer: int,
+                     cached: Sequence[object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target-token and KL-row log-probabilities with ``write`` applied to the residual after ``layer``.
+
+    With ``cached`` (from :func:`tracing.layer_outputs`) layers ``0..layer`` are replayed, not
+    computed, and only the needed positions are decoded; otherwise the whole model runs.
+    """
+    final = Site("resid", model.n_layers - 1)
+    identity: tracing.Write = write or (lambda s: s)
+    if cached is not None:
+        states = tracing.run_skipping(model, rows.batch, cached, top=identity, read=[final], grad=True, stop=True)
+    else:
+        states = tracing.run(model, rows.batch, write={Site("resid", layer): identity}, read=[final], grad=True)
+    kl_rows = rows.kl_rows
+    cols = torch.cat([rows.tgt_col, rows.subject[kl_rows]])
+    logp = decode_at(model, states[final], torch.cat([rows.tgt_row, kl_rows]), cols)
+    n = len(rows.tgt_row)
+    return logp[:n].gather(1, rows.tgt_id.view(-1, 1).to(logp.device)).squeeze(1), logp[n:]
+
+
+@dataclass
+class _Adam:
+    """Adam on rows of one tensor, stepping only the active rows (so batched = one by one)."""
+
+    lr: float
+    m: torch.Tensor
+    v: torch.Tensor
+    t: int = 0
+
+    def step(self, x: torch.Tensor, grad: torch.Tensor, active: torch.Tensor) -> None:
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        self.t += 1
+        self.m[active] = b1 * self.m[active] + (1 - b1) * grad[active]
+        self.v[active] = b2 * self.v[active] + (1 - b2) * grad[active] ** 2
+        m_hat, v_hat = self.m[active] / (1 - b1 ** self.t), self.v[active] / (1 - b2 ** self.t)
+        x[active] -= self.lr * m_hat / (v_hat.sqrt() + eps)
+
+
+def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Tensor, opt: Any, *,
+                     skip_fixed: bool = True) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """δ_i added to the residual after ``layer`` at each request's subject-last token (Eq. 16).
+
+    Loss per request: NLL(target) + KL + ``wd · ‖δ‖/‖ref‖²``; the total is a *sum* over requests
+    and Adam runs per row, so optimising many requests together gives the same δ as one by one.
+    A request stops once its loss is below ``opt.early_stop``; ‖δ_i‖ is clamped to
+    ``opt.clamp · ‖reference_i‖`` (ROME: MLP output, MEMIT: h^L, App. B). Returns δ ``[N, d_model]``.
+    """
+    n, dev = rows.n_requests, model.device
+    delta = torch.zeros(n, model.d_model, device=dev)
+    adam = _Adam(opt.lr, torch.zeros_like(delta), torch.zeros_like(delta))
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    ref = reference.to(dev).float().norm(dim=-1)
+    loss_last = torch.full((n,), float("nan"))
+    steps = torch.zeros(n, dtype=torch.long)
+    kl_init: torch.Tensor | None = None
+    cached = tracing.layer_outputs(model, rows.batch, layer) if skip_fixed else None
+    sub, sub_cached, sub_idx = rows, cached, torch.arange(n)
+    for _ in range(opt.steps):
+        leaf = delta[sub_idx.to(dev)].clone().requires_grad_(True)
+        write = tracing.add_at(torch.arange(len(sub.request)), sub.subject, leaf[sub.request.to(dev)])
+        tgt_logp, kl_logp = forward_logprobs(model, sub, write, layer=layer, cached=sub_cached)
+        if kl_init is None:
+            kl_init = kl_logp.detach()
+        kl_ref = kl_init[_kl_index(rows, sub_idx)]
+        nll, kl = request_losses(sub, tgt_logp, kl_logp, kl_ref, opt.kl_factor)
+        decay = opt.weight_decay * leaf.norm(dim=-1) / ref[sub_idx.to(dev)] ** 2
+        loss = nll + kl + decay
+        loss_last[sub_idx] = loss.detach().cpu()
+        done = loss.detach().cpu() < opt.early_stop
+        if bool(done.all()):
+            break
+        (grad,) = torch.autograd.grad(loss[~done.to(loss.device)].sum(), leaf)
+        full_grad = torch.zeros_like(delta)
+        full_grad[sub_idx.to(dev)] = grad
+        active[sub_idx[done].to(dev)] = False
+        steps[sub_idx[~done]] += 1
+        adam.step(delta, full_grad, active)
+        _clamp_(delta, ref * opt.clamp)
+        if bool(done.any()):
+            sub_idx = active.nonzero().flatten().cpu()
+            sub = rows.select(sub_idx)
+            sub_cached = _select_cached(cached, rows, sub_idx) if cached is not None else None
+    return delta.detach(), {"loss": loss_last.tolist(), "steps": steps.tolist()}
+
+
+def _kl_index(rows: Rows, requests: torch.Tensor) -> torch.Tensor:
+    """Positions, in ``rows.kl_rows`` order, of the KL rows of ``requests``."""
+    order = rows.request[rows.kl_rows]
+    pos = torch.full((rows.n_requests,), -1, dtype=torch.long)
+    pos[order] = torch.arange(len(order))
+    return pos[requests]
+
+
+def _clamp_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    norm = delta.norm(dim=-1)
+    scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+    delta.mul_(scale.unsqueeze(-1))
+
+
+def _select_cached(cached: Sequence[object], rows: Rows, requests: torch.Tensor) -> list[object]:
+    """The cached layer outputs restricted to the rows of ``requests`` (and their width)."""
+    req = torch.zeros(rows.n_requests, dtype=torch.bool)
+    req[requests] = True
+    keep = req[rows.request].nonzero().flatten()
+    width = int(rows.batch.attention_mask[keep.to(rows.batch.attention_mask.device)].sum(-1).max())
+    b = len(rows.request)
+
+    def cut(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == b:
+            return x[keep.to(x.device), :width]
+        if isinstance(x, tuple):
+            return tuple(cut(y) for y in x)
+        return x
+
+    return [cut(o) for o in cached]
+
+
+def target_report(model: KVModel, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
+    """For each request on its own prompt: p(target) (geometric mean over tokens) and the top-1 token."""
+    rows = build_rows(model, requests, ("{}",), kl=False)
+    final = Site("resid", model.n_layers - 1)
+    with torch.no_grad():
+        states = tracing.run(model, rows.batch, read=[final])
+        logp = decode_at(model, states[final], rows.tgt_row, rows.tgt_col)
+    tok = logp.gather(1, rows.tgt_id.view(-1, 1).to(logp.device)).squeeze(1).cpu()
+    mean = torch.zeros(len(requests)).index_add_(0, rows.request[rows.tgt_row], tok * rows.tgt_weight)
+    out = []
+    for i, req in enumerate(requests):
+        first = int((rows.request[rows.tgt_row] == i).nonzero()[0])
+        top = int(logp[first].argmax())
+        out.append({"prompt": req.text, "target": req.target_new, "p_target": float(mean[i].exp()),
+                    "top1": model.tokenizer.decode([top]), "target_is_top1": top == int(rows.tgt_id[first])})
+    return out
+
+
+def outcome(model: KVModel, requests: Sequence[EditRequest], before: list[dict[str, Any]],
+            delta: Any) -> dict[str, Any]:
+    """Target probabilities before/after ``delta`` (applied, measured, reverted); warns if it did not take."""
+    with delta.applied(model):
+        after = target_report(model, requests)
+    rows = [{**a, "p_before": b["p_target"], "p_after": a["p_target"]} for a, b in zip(after, before)]
+    failed = [r["prompt"] + " ->" + r["target"] for r in rows if not r["target_is_top1"]]
+    if failed:
+        warnings.warn(f"{delta.method}: the edit did not reach its goal for {len(failed)}/{len(rows)} "
+                      f"request(s) (target not top-1 after the edit): {failed[:5]}", stacklevel=3)
+    return {"requests": rows, "reached": not failed,
+            "efficacy": sum(r["target_is_top1"] for r in rows) / len(rows)}

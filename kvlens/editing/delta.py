@@ -1,0 +1,278 @@
+"""Reversible weight changes: the one object every editing method returns.
+
+A :class:`WeightDelta` holds, for each edited ``(layer, role)`` with role ∈ key / gate / value, a
+change of the canonical ``[d_ff, d_model]`` view (row i = memory i), dense or as low-rank factors
+``left @ right``. It is converted to the family's stored layout only when applied
+(:meth:`KVModel.stored`). Applying keeps the exact original tensors; reverting copies them back,
+so a round trip is bit-for-bit. Each delta carries a per-weight fingerprint of the model it was
+computed for, and refuses other weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from kvlens.editing.request import EditRequest
+from kvlens.models.kvmodel import KVModel, Role
+
+PartKey = tuple[int, Role]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A change of one canonical ``[d_ff, d_model]`` weight: ``left`` alone (dense) or ``left @ right``."""
+
+    left: torch.Tensor
+    right: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.right is not None and (self.left.dim() != 2 or self.right.dim() != 2
+                                       or self.left.shape[1] != self.right.shape[0]):
+            raise ValueError(f"low-rank factors do not chain: {tuple(self.left.shape)} @ {tuple(self.right.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows = self.left.shape[0]
+        cols = self.left.shape[1] if self.right is None else self.right.shape[1]
+        return (int(rows), int(cols))
+
+    @property
+    def rank(self) -> int | None:
+        """The factor rank (None for a dense change)."""
+        return None if self.right is None else int(self.left.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """The full ``[d_ff, d_model]`` change in float32."""
+        if self.right is None:
+            return self.left.float()
+        return self.left.float() @ self.right.float()
+
+    def norm(self) -> float:
+        return float(torch.linalg.matrix_norm(self.dense()))
+
+
+def _part_fingerprint(model: KVModel, key: PartKey) -> str:
+    return model.fingerprint([key[0]], [key[1]])
+
+
+class AppliedEdit:
+    """The handle :meth:`WeightDelta.apply` returns: ``revert()`` restores the weights bitwise."""
+
+    def __init__(self, delta: "WeightDelta", model: KVModel,
+                 originals: dict[PartKey, torch.Tensor], written: dict[PartKey, torch.Tensor]) -> None:
+        self.delta, self.model = delta, model
+        self._originals, self._written = originals, written
+        self.active = True
+
+    def revert(self, *, force: bool = False) -> None:
+        """Copy the original tensors back.
+
+        Raises:
+            RuntimeError: already reverted, or the weights changed since apply (another edit
+                of the same weight is still applied: revert that one first, or ``force=True``).
+        """
+        if not self.active:
+            raise RuntimeError("this edit was already reverted")
+        for key, written in self._written.items():
+            if not force and not torch.equal(self.model.projection(*key).weight, written):
+                raise RuntimeError(
+                    f"layer {key[0]} {key[1]} changed after this edit was applied; revert later edits first")
+        with torch.no_grad():
+            for key, orig in self._originals.items():
+                self.model.projection(*key).weight.copy_(orig)
+        self.active = False
+        self.delta._handles.pop(id(self.model), None)
+
+    def __repr__(self) -> str:
+        return f"AppliedEdit({self.delta.method}, active={self.active})"
+
+
+class WeightDelta:
+    """A reversible change of FFN weights, with its provenance.
+
+    Attributes:
+        parts: ``{(layer, role): Part}`` in canonical orientation.
+        method: the editing method's registry name.
+        hparams: the hyperparameters, as plain data.
+        requests: the edit requests it implements.
+        base: ``{(layer, role): fingerprint}`` of the weights it was computed for.
+        info: plain-data report (target probabilities, prefixes, norms, timings).
+    """
+
+    def __init__(self, parts: Mapping[PartKey, Part], *, method: str, hparams: Mapping[str, Any],
+                 requests: Sequence[EditRequest], base: Mapping[PartKey, str],
+                 model_name: str = "", info: Mapping[str, Any] | None = None) -> None:
+        if not parts:
+            raise ValueError("a WeightDelta needs at least one part")
+        missing = set(parts) - set(base)
+        if missing:
+            raise ValueError(f"no fingerprint for parts {sorted(missing)}")
+        self.parts = dict(sorted(parts.items()))
+        self.method, self.hparams = method, dict(hparams)
+        self.requests, self.base = tuple(requests), dict(base)
+        self.model_name, self.info = model_name, dict(info or {})
+        self._handles: dict[int, AppliedEdit] = {}
+
+    @classmethod
+    def from_model(cls, model: KVModel, parts: Mapping[PartKey, Part], **kwargs: Any) -> "WeightDelta":
+        """A delta whose fingerprints are taken from ``model``'s current weights."""
+        base = {key: _part_fingerprint(model, key) for key in parts}
+        return cls(parts, base=base, model_name=model.name, **kwargs)
+
+    # ---- inspection --------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.parts})
+
+    @property
+    def roles(self) -> list[str]:
+        return sorted({role for _, role in self.parts})
+
+    def norms(self) -> dict[str, float]:
+        """Frobenius norm of each part, keyed ``"layer.role"``."""
+        return {f"{layer}.{role}": part.norm() for (layer, role), part in self.parts.items()}
+
+    def matches(self, model: KVModel) -> list[PartKey]:
+        """The parts whose current weights in ``model`` differ from the ones it was computed for."""
+        return [key for key in self.parts if _part_fingerprint(model, key) != self.base[key]]
+
+    def is_applied(self, model: KVModel) -> bool:
+        return id(model) in self._handles
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{l}.{r}" + (f"(rank {p.rank})" if p.rank else "") for (l, r), p in self.parts.items())
+        return f"WeightDelta({self.method}, {len(self.requests)} requests, parts: {parts})"
+
+    # ---- apply / revert ------------------------------------------------------------------
+    def _check_target(self, model: KVModel, force: bool) -> None:
+        if self.is_applied(model):
+            raise RuntimeError(f"{self!r} is already applied to this model; revert it before applying again")
+        for layer, role in self.parts:
+            model.check_layer(layer)
+            if role not in model.roles():
+                raise ValueError(f"{model.spec.model_type} has no {role} projection")
+            w = model.projection(layer, role).weight
+            if getattr(w, "quant_state", None) is not None or getattr(w, "SCB", None) is not None:
+                raise TypeError("cannot apply a WeightDelta to quantized weights; use delta.writes() in a trace")
+            if tuple(model.canonical(w, role).shape) != self.parts[(layer, role)].shape:
+                raise ValueError(f"delta part {layer}.{role} has shape {self.parts[(layer, role)].shape}, "
+                                 f"the model's weight {tuple(model.canonical(w, role).shape)}")
+        stale = [] if force else self.matches(model)
+        if stale:
+            raise ValueError(
+                f"this delta was computed for other weights at {[f'{l}.{r}' for l, r in stale]} "
+                f"(model {self.model_name!r}); pass force=True to apply anyway")
+
+    def _write(self, model: KVModel, key: PartKey) -> None:
+        """Add one part to the stored weight (in place)."""
+        w = model.projection(*key).weight
+        change = model.stored(self.parts[key].dense().to(w.device), key[1])
+        with torch.no_grad():
+            w.copy_((w.float() + change).to(w.dtype))
+
+    def apply(self, model: KVModel, *, force: bool = False) -> AppliedEdit:
+        """Add the change to ``model``'s weights; ``handle.revert()`` (or ``delta.revert()``) undoes it.
+
+        The original tensors are copied first; if anything (including KeyboardInterrupt) stops
+        the writes, every weight is restored before the exception propagates.
+
+        Raises:
+            RuntimeError: this delta is already applied to ``model``.
+            ValueError: the model's weights are not the ones the delta was computed for.
+        """
+        self._check_target(model, force)
+        originals = {key: model.projection(*key).weight.detach().clone() for key in self.parts}
+        try:
+            for key in self.parts:
+                self._write(model, key)
+        except BaseException:
+            with torch.no_grad():
+                for key, orig in originals.items():
+                    model.projection(*key).weight.copy_(orig)
+            raise
+        written = {key: model.projection(*key).weight.detach().clone() for key in self.parts}
+        handle = AppliedEdit(self, model, originals, written)
+        self._handles[id(model)] = handle
+        return handle
+
+    def revert(self, model: KVModel | None = None) -> None:
+        """Undo this delta's application (on ``model``, or on its only model)."""
+        if model is not None:
+            handle = self._handles.get(id(model))
+        elif len(self._handles) == 1:
+            handle = next(iter(self._handles.values()))
+        else:
+            handle = None
+        if handle is None:
+            raise RuntimeError("this delta is not applied" + ("" if model is None else " to that model"))
+        handle.revert()
+
+    @contextlib.contextmanager
+    def applied(self, model: KVModel, *, force: bool = False) -> Iterator[AppliedEdit]:
+        """``with delta.applied(model): ...`` runs the block with the edit, then reverts it."""
+        handle = self.apply(model, force=force)
+        try:
+            yield handle
+        finally:
+            if handle.active:
+                handle.revert(force=True)
+
+    # ---- algebra -------------------------------------------------------------------------
+    def compose(self, other: "WeightDelta") -> "WeightDelta":
+        """One delta doing ``self`` then ``other``: parts added (low-rank factors concatenated).
+
+        Fingerprints of shared weights are ``self``'s (the composed delta applies to the weights
+        ``self`` was computed for).
+        """
+        parts = dict(self.parts)
+        for key, p in other.parts.items():
+            q = parts.get(key)
+            if q is None:
+                parts[key] = p
+            elif q.right is not None and p.right is not None:
+                parts[key] = Part(torch.cat([q.left, p.left], 1), torch.cat([q.right, p.right], 0))
+            else:
+                parts[key] = Part(q.dense() + p.dense())
+        base = {**other.base, **self.base}
+        info = {"components": [d.summary() for d in (self, other)]}
+        return WeightDelta(parts, method=f"{self.method}+{other.method}", hparams={},
+                           requests=self.requests + other.requests, base=base,
+                           model_name=self.model_name, info=info)
+
+    __add__ = compose
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data describing the delta (no tensors)."""
+        return {"method": self.method, "model": self.model_name, "hparams": self.hparams,
+                "requests": [r.to_dict() for r in self.requests], "norms": self.norms(),
+                "ranks": {f"{l}.{r}": p.rank for (l, r), p in self.parts.items()}}
+
+    # ---- files ---------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write the delta to a safetensors file (tensors + JSON metadata; never pickle)."""
+        from kvlens.editing.files import save_delta
+
+        save_delta(self, path)
+
+    @classmethod
+    def load(cls, path: str, model: KVModel | None = None) -> "WeightDelta":
+        """Read a delta saved by :meth:`save`; with ``model``, refuse it unless its weights match."""
+        from kvlens.editing.files import load_delta
+
+        return load_delta(path, model)
+
+
+def json_default(obj: Any) -> Any:
+    """JSON encoder fallback for tuples of tensors in ``info``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=json_default, sort_keys=True)

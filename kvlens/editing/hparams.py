@@ -1,0 +1,225 @@
+"""Hyperparameters of the editing methods (frozen dataclasses) and presets (numbers only).
+
+Published numbers come from the original repositories' hparams files (kmeng01/rome@0874014,
+kmeng01/memit@80426fd, EasyEdit; see shared/reference/anchors.md §3.6): layer indices are
+0-based as in the code (the ROME paper's "layer 18" of GPT-2 XL is ``17``). The released ROME
+files use ``v_weight_decay 0.5`` with a normalized decay and ``kl_factor 0.0625``, not the paper's
+1.5e-3 / 1e2; we pin the files. Presets named ``smollm2-135m`` were tuned on the embedded model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """Random-prefix contexts x_j (MEMIT Eq. 16): ``n`` prefixes of ``tokens`` sampled tokens, seeded."""
+
+    n: int = 10
+    tokens: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or self.tokens <= 0:
+            raise ValueError(f"contexts need n >= 0 and tokens > 0, got n={self.n}, tokens={self.tokens}")
+
+
+@dataclass(frozen=True)
+class TargetOpt:
+    """Target-vector optimisation (ROME compute_v / MEMIT compute_z, Eq. 16).
+
+    ``clamp``: ‖δ‖ ≤ clamp · ‖reference‖ after every step (ROME: MLP output; MEMIT: h^L; App. B).
+    ``weight_decay``: ``wd · ‖δ‖ / ‖reference‖²`` (the released code's normalized form).
+    ``kl_factor``: the essence-preserving KL on "{subject} is a". Stops early below ``early_stop``.
+    """
+
+    steps: int = 20
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp: float = 4.0
+    early_stop: float = 5e-2
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("lr", "clamp"):
+            _positive(name, getattr(self, name))
+        if self.kl_factor < 0 or self.weight_decay < 0:
+            raise ValueError("kl_factor and weight_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class ROMEHparams:
+    """ROME (Meng et al. 2022a): rank-one update of V at ``layer``.
+
+    ``mom2_adjustment``: use C⁻¹ (u = C⁻¹k*); EasyEdit's defaults turn it off.
+    ``key_fix``: the r-ROME fix (Gupta et al. 2024): use the prefix-averaged key k* in the
+    denominator too. The original code divides by the clean-prompt key, which collapses
+    sequential edits; ``False`` reproduces it.
+    """
+
+    layer: int = 5
+    opt: TargetOpt = field(default_factory=TargetOpt)
+    contexts: Contexts = field(default_factory=Contexts)
+    mom2_adjustment: bool = True
+    key_fix: bool = True
+    stats_tokens: int = 100_000
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MEMITHparams:
+    """MEMIT (Meng et al. 2023): spread the update over ``layers`` (the critical range R).
+
+    ``lam``: λ of Eq. 15 (``mom2_update_weight``). ``z_batch``: requests whose z are optimised in
+    one batched optimisation (None: all at once; 1: one by one as in the paper).
+    ``skip_fixed``: replay the layers up to L from a cache instead of recomputing them (they do
+    not depend on δ) and decode only the target positions.
+    """
+
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+    lam: float = 15_000.0
+    opt: TargetOpt = field(default_factory=lambda: TargetOpt(steps=25, clamp=0.75))
+    contexts: Contexts = field(default_factory=lambda: Contexts(n=5, tokens=10))
+    z_batch: int | None = 64
+    skip_fixed: bool = True
+    stats_tokens: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("MEMIT needs at least one layer")
+        object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        _positive("lam", self.lam)
+        if self.z_batch is not None and self.z_batch < 1:
+            raise ValueError(f"z_batch must be >= 1 or None, got {self.z_batch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FTRole = Literal["key", "gate", "value"]
+
+
+@dataclass(frozen=True)
+class FTHparams:
+    """Constrained fine-tuning of one FFN role at ``layers`` (ROME/MEMIT FT, FT+L, FT-W baselines).
+
+    ``norm_constraint``: L∞ bound on the change of every weight entry (FT+L; None: off).
+    ``weight_decay``: ``wd · ‖ΔW‖²`` added to the loss (FT-W). Stops when every request's NLL
+    is below ``early_stop``.
+    """
+
+    role: FTRole = "value"
+    layers: tuple[int, ...] = (0,)
+    steps: int = 25
+    lr: float = 5e-4
+    norm_constraint: float | None = 5e-4
+    weight_decay: float = 0.0
+    kl_factor: float = 0.0
+    early_stop: float = 3e-2
+    contexts: Contexts = field(default_factory=lambda: Contexts(n=0))
+
+    def __post_init__(self) -> None:
+        if self.role not in ("key", "gate", "value"):
+            raise ValueError(f"role must be 'key', 'gate' or 'value', got {self.role!r}")
+        if not self.layers:
+            raise ValueError("fine-tuning needs at least one layer")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        _positive("lr", self.lr)
+        if self.norm_constraint is not None:
+            _positive("norm_constraint", self.norm_constraint)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoRAHparams:
+    """LoRA (peft) on one FFN role at ``layers`` (Qiu et al. 2024: r 8, alpha 16, dropout 0.1)."""
+
+    role: FTRole = "value"
+    layers: tuple[int, ...] = (0,)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    steps: int = 30
+    lr: float = 1e-3
+    kl_factor: float = 0.0
+    early_stop: float = 3e-2
+    contexts: Contexts = field(default_factory=lambda: Contexts(n=0))
+
+    def __post_init__(self) -> None:
+        if self.role not in ("key", "gate", "value"):
+            raise ValueError(f"role must be 'key', 'gate' or 'value', got {self.role!r}")
+        if not self.layers:
+            raise ValueError("LoRA needs at least one layer")
+        if self.rank < 1 or self.steps < 1:
+            raise ValueError("rank and steps must be >= 1")
+        _positive("lr", self.lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SMOL_OPT = TargetOpt(steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp=4.0)
+
+ROME_PRESETS: dict[str, ROMEHparams] = {
+    "gpt2-medium": ROMEHparams(layer=8, opt=TargetOpt(clamp=3.0), contexts=Contexts(n=20, tokens=10)),
+    "gpt2-large": ROMEHparams(layer=12, contexts=Contexts(n=20, tokens=10)),
+    "gpt2-xl": ROMEHparams(layer=17, contexts=Contexts(n=20, tokens=10)),
+    "gpt-j-6b": ROMEHparams(layer=5, contexts=Contexts(n=20, tokens=10)),
+    "gpt-neox-20b": ROMEHparams(layer=15, contexts=Contexts(n=20, tokens=10)),
+    "llama-2-7b": ROMEHparams(layer=5, opt=TargetOpt(steps=25, weight_decay=1e-3),
+                              contexts=Contexts(n=20, tokens=10), mom2_adjustment=False),
+    "smollm2-135m": ROMEHparams(layer=8, opt=_SMOL_OPT, contexts=Contexts(n=6, tokens=5)),
+}
+
+MEMIT_PRESETS: dict[str, MEMITHparams] = {
+    "gpt2-xl": MEMITHparams(layers=(13, 14, 15, 16, 17), lam=20_000.0, opt=TargetOpt(steps=20, clamp=0.75)),
+    "gpt-j-6b": MEMITHparams(layers=(3, 4, 5, 6, 7, 8), lam=15_000.0, opt=TargetOpt(steps=25, clamp=0.75)),
+    "llama-2-7b": MEMITHparams(layers=(4, 5, 6, 7, 8), lam=15_000.0,
+                               opt=TargetOpt(steps=25, weight_decay=1e-3, clamp=4.0)),
+    "smollm2-135m": MEMITHparams(layers=(4, 5, 6, 7, 8), lam=15_000.0,
+                                 opt=TargetOpt(steps=25, clamp=0.75), contexts=Contexts(n=5, tokens=10)),
+}
+
+FT_PRESETS: dict[str, FTHparams] = {
+    "gpt2-xl-constr": FTHparams(layers=(0,), steps=25, lr=5e-4, norm_constraint=5e-4),
+    "gpt-j-6b-constr": FTHparams(layers=(0,), steps=25, lr=5e-4, norm_constraint=5e-5),
+    "smollm2-135m": FTHparams(layers=(8,), steps=25, lr=2e-3, norm_constraint=None, weight_decay=0.0,
+                              kl_factor=0.0625, contexts=Contexts(n=4, tokens=5)),
+}
+
+LORA_PRESETS: dict[str, LoRAHparams] = {
+    "qiu2024": LoRAHparams(rank=8, alpha=16.0, dropout=0.1, lr=2e-4),
+    "smollm2-135m": LoRAHparams(layers=(8,), rank=8, alpha=16.0, steps=30, lr=1e-2, kl_factor=0.0625,
+                                contexts=Contexts(n=4, tokens=5)),
+}
+
+
+def preset_for(presets: dict[str, Any], model_name: str) -> Any | None:
+    """The preset whose name matches ``model_name`` (case-insensitive, ignoring '-_/'), if any."""
+    def norm(s: str) -> str:
+        return "".join(c for c in s.lower() if c.isalnum())
+
+    name = norm(model_name)
+    for key in sorted(presets, key=len, reverse=True):
+        if norm(key.replace("-constr", "")) in name:
+            return presets[key]
+    return None
+
+
+def with_role(hp: Any, role: str) -> Any:
+    """``hp`` with another role (for key / value variants of one preset)."""
+    return replace(hp, role=role)

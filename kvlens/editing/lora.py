@@ -1,0 +1,135 @@
+"""LoRA on keys vs values through peft (Qiu et al. 2024: "Key_up", "Key_gate", "Value_down").
+
+The target modules are the FFN projections the architecture registry names for the chosen role
+(``c_fc`` / ``up_proj`` / ``gate_proj`` for keys, ``c_proj`` / ``down_proj`` for values), given
+to peft as full module paths of the chosen layers. Adapters are injected for the training only:
+peft's ``unload()`` puts the original modules back in a ``finally`` (the model stays
+bit-identical), and the merged adapter ``s·B A`` is returned as a rank-``r``
+:class:`WeightDelta` like any other edit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from kvlens.editing._shared import Rows, build_rows, context_templates
+from kvlens.editing.base import EditMethod, check_layers, register_method
+from kvlens.editing.delta import Part, WeightDelta
+from kvlens.editing.finetune import check_role, train_loss
+from kvlens.editing.hparams import LORA_PRESETS, LoRAHparams
+from kvlens.editing.request import EditRequest
+from kvlens.models.kvmodel import KVModel
+
+
+def target_modules(model: KVModel, role: str, layers: tuple[int, ...]) -> list[str]:
+    """Full module names of the ``role`` projection at ``layers`` (from the architecture spec)."""
+    path = {"key": model.spec.key, "gate": model.spec.gate, "value": model.spec.value}[role]
+    return [f"{model.spec.layers}.{l}.{model.spec.mlp}.{path}" for l in layers]
+
+
+def lora_part(lora_module: Any, role: str, scaling: float) -> Part:
+    """The merged adapter as canonical ``[d_ff, d_model]`` factors.
+
+    In feature terms the adapter maps in → out by ``s·B A`` (B ``[out, r]``, A ``[r, in]``).
+    Keys/gates map d_model → d_ff, so canonical = s·B A; values map d_ff → d_model, so
+    canonical = (s·B A)ᵀ = Aᵀ (s·Bᵀ).
+    """
+    A = lora_module.lora_A["default"].weight.detach().float()
+    B = lora_module.lora_B["default"].weight.detach().float()
+    if role == "value":
+        return Part(A.T.clone(), (scaling * B.T).clone())
+    return Part((scaling * B).clone(), A.clone())
+
+
+@register_method
+class LoRA(EditMethod):
+    """LoRA on one FFN role (``role="key"`` / ``"gate"`` / ``"value"``) at chosen layers."""
+
+    name = "lora"
+    presets = LORA_PRESETS
+    role: Literal["key", "gate", "value"] | None = None
+
+    def __init__(self, hparams: LoRAHparams | None = None, *, preset: str | None = None, **overrides: Any) -> None:
+        if self.role is not None and "role" not in overrides:
+            overrides["role"] = self.role
+        super().__init__(hparams, preset=preset, **overrides)
+
+    def default_hparams(self, model: KVModel) -> LoRAHparams:
+        return LoRAHparams(layers=(max(0, model.n_layers // 4),))
+
+    def check(self, model: KVModel, hp: LoRAHparams) -> None:
+        check_layers(model, hp.layers)
+        check_role(model, hp.role)
+
+    def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: LoRAHparams, **_: Any) -> WeightDelta:
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+
+        layers = check_layers(model, hp.layers)
+        templates = context_templates(model, hp.contexts)
+        rows = build_rows(model, requests, templates, kl=hp.kl_factor > 0)
+        names = target_modules(model, hp.role, layers)
+        config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=names,
+                            bias="none", fan_in_fan_out=model.spec.conv1d, init_lora_weights=True)
+        with torch.random.fork_rng():  # peft draws A from the global RNG: seed it, leave it as it was
+            torch.manual_seed(hp.contexts.seed)
+            lora = LoraModel(model.hf, config, "default")
+        try:
+            modules = [model.hf.get_submodule(n) for n in names]
+            log = self._train(model, rows, modules, hp)
+            parts = {(l, hp.role): lora_part(m, hp.role, m.scaling["default"]) for l, m in zip(layers, modules)}
+            for (layer, role), m in zip(parts, modules):  # orientation self-check against peft's merge
+                merged = m.get_delta_weight("default").float()
+                if not torch.allclose(model.stored(parts[(layer, role)].dense(), role), merged, atol=1e-5, rtol=1e-4):
+                    raise RuntimeError(f"LoRA factors of layer {layer} {role} disagree with peft's merged weight")
+        finally:
+            lora.unload()
+            model.hf.requires_grad_(False)
+        return WeightDelta.from_model(model, parts, method=self.name, hparams=hp.to_dict(), requests=requests,
+                                      info={"contexts": list(templates), "opt": log, "target_modules": names})
+
+    def _train(self, model: KVModel, rows: Rows, modules: list[Any], hp: LoRAHparams) -> dict[str, Any]:
+        params = [p for m in modules for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=hp.lr)
+        kl_init: torch.Tensor | None = None
+        losses: list[float] = []
+        for m in modules:
+            m.train()
+        try:
+            for _ in range(hp.steps):
+                nll, kl, kl_logp = train_loss(model, rows, kl_init, hp.kl_factor)
+                if kl_init is None and hp.kl_factor > 0:
+                    kl_init = kl_logp.detach()
+                loss = (nll + kl).sum()
+                losses.append(float(loss.detach()))
+                if bool((nll < hp.early_stop).all()):
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            for m in modules:
+                m.eval()
+        return {"loss": losses, "steps": len(losses), "final_nll": nll.detach().tolist()}
+
+
+class LoRAKeys(LoRA):
+    """LoRA on the key matrix (``c_fc`` / ``fc_in`` / ``up_proj``)."""
+
+    role = "key"
+
+
+class LoRAGates(LoRA):
+    """LoRA on the gate matrix of a gated FFN (``gate_proj``)."""
+
+    role = "gate"
+
+
+class LoRAValues(LoRA):
+    """LoRA on the value matrix (``c_proj`` / ``fc_out`` / ``down_proj``)."""
+
+    role = "value"

@@ -1,0 +1,107 @@
+"""MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer"), Algorithm 1.
+
+1. Target vectors (Eq. 16): z_i = h^L_i + δ_i at the top layer L = max(R), for *all* requests in
+   one batched optimisation (``z_batch`` requests per batch; the paper did them one by one).
+   Layers ≤ L do not depend on δ: their outputs are cached once and replayed without
+   computation (``skip_fixed``), and only target positions are decoded.
+2. For each l ∈ R in ascending order, with the updates of the layers below already in place:
+   keys k_i^l averaged over contexts (Eq. 19), residual r_i^l = (z_i − h^L_i) / (L − l + 1)
+   (Eq. 20, spread over the remaining layers), and (canonical orientation, C_l = E[kkᵀ])::
+
+       ΔV_l = (λ C_l + K Kᵀ)⁻¹ K Rᵀ        ⇔   ΔW = R Kᵀ (λ C_l + K Kᵀ)⁻¹   (Eqs. 14-15)
+
+   solved in float64 and kept as low-rank factors ``[d_ff, n] @ [n, d_model]``.
+3. ``sequential_batch``: requests are inserted in sequential batches, each on top of the last.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import torch
+
+from kvlens.corpus import Corpus
+from kvlens.editing._shared import Rows, build_rows, context_templates, optimise_targets, subject_states
+from kvlens.editing.base import EditMethod, check_layers, register_method, sequentially
+from kvlens.editing.delta import Part, WeightDelta
+from kvlens.editing.hparams import MEMIT_PRESETS, MEMITHparams
+from kvlens.editing.request import EditRequest
+from kvlens.memory.stats import resolve_moments
+from kvlens.models.kvmodel import KVModel, Site
+
+
+def layer_update(C: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, lam: float) -> Part:
+    """ΔV = (λC + KKᵀ)⁻¹ K Rᵀ (Eq. 14) in float64; ``keys`` ``[n, d_ff]``, ``resid`` ``[n, d_model]``."""
+    K = keys.double().T  # [d_ff, n], columns are keys as in the paper
+    A = lam * C.double().to(K.device) + K @ K.T
+    left = torch.linalg.solve(A, K)  # [d_ff, n]
+    if not bool(torch.isfinite(left).all()):
+        raise ValueError("the MEMIT system (λC + KKᵀ) is singular; check the statistics and λ")
+    return Part(left.float(), resid.float())
+
+
+def target_vectors(model: KVModel, rows: Rows, hp: MEMITHparams) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(z, h^L, log): z_i = h^L_i + δ_i for every request, optimised ``hp.z_batch`` requests at a time."""
+    top = hp.layers[-1]
+    site = Site("resid", top)
+    h = subject_states(model, rows.select(range(rows.n_requests), clean=True), [site])[site]
+    size = hp.z_batch or rows.n_requests
+    deltas, losses, steps = [], [], []
+    start = time.perf_counter()
+    for lo in range(0, rows.n_requests, size):
+        idx = list(range(lo, min(lo + size, rows.n_requests)))
+        d, log = optimise_targets(model, rows.select(idx), top, h[idx], hp.opt, skip_fixed=hp.skip_fixed)
+        deltas.append(d.cpu())
+        losses += log["loss"]
+        steps += log["steps"]
+    log = {"loss": losses, "steps": steps, "z_seconds": time.perf_counter() - start}
+    return h + torch.cat(deltas), h, log
+
+
+@register_method
+class MEMIT(EditMethod):
+    """Mass-Editing Memory in a Transformer (hyperparameters: :class:`MEMITHparams`)."""
+
+    name = "memit"
+    presets = MEMIT_PRESETS
+
+    def default_hparams(self, model: KVModel) -> MEMITHparams:
+        top = max(1, model.n_layers // 4)
+        return MEMITHparams(layers=tuple(range(max(0, top - 2), top + 1)))
+
+    def check(self, model: KVModel, hp: MEMITHparams) -> None:
+        check_layers(model, hp.layers)
+        if any(l < 0 for l in hp.layers):
+            raise ValueError(f"MEMIT layers must be given as non-negative indices, got {hp.layers}")
+
+    def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams, *,
+                 stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
+                 sequential_batch: int | None = None, **_: Any) -> WeightDelta:
+        moments = resolve_moments(model, hp.layers, stats, corpus, hp.stats_tokens)
+        templates = context_templates(model, hp.contexts)
+        size = sequential_batch or len(requests)
+        chunks = [requests[i: i + size] for i in range(0, len(requests), size)]
+        return sequentially(model, chunks, lambda c: self._batch(model, c, hp, moments, templates))
+
+    def _batch(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams,
+               moments: Mapping[int, torch.Tensor], templates: tuple[str, ...]) -> WeightDelta:
+        rows = build_rows(model, requests, templates)
+        z, h, log = target_vectors(model, rows, hp)
+        top = Site("resid", hp.layers[-1])
+        clean = rows.select(range(rows.n_requests), clean=True)
+        parts: dict[tuple[int, str], Part] = {}
+        for i, layer in enumerate(hp.layers):
+            key = Site("key", layer)
+            if parts:
+                with WeightDelta.from_model(model, parts, method=self.name, hparams={}, requests=requests).applied(model):
+                    keys = subject_states(model, rows, [key])[key]
+                    h_now = subject_states(model, clean, [top])[top]
+            else:
+                keys, h_now = subject_states(model, rows, [key])[key], h
+            resid = (z - h_now) / (len(hp.layers) - i)  # Eq. 20
+            parts[(layer, "value")] = layer_update(moments[layer], keys, resid, hp.lam)
+        info = {"contexts": list(templates), "opt": log, "z": z.tolist() if len(requests) <= 16 else None,
+                "delta_norms": (z - h).norm(dim=-1).tolist()}
+        return WeightDelta.from_model(model, parts, method=self.name, hparams=hp.to_dict(),
+                                      requests=requests, info=info)
