@@ -113,7 +113,7 @@ class WeightDelta:
         if missing:
             raise ValueError(f"no fingerprint for parts {sorted(missing)}")
         self.parts = dict(sorted(parts.items()))
-        self.method, self.hparams = method, dict(hparams)
+        self.method, self.hparams = method, json.loads(dumps(dict(hparams)))  # plain JSON data
         self.requests, self.base = tuple(requests), dict(base)
         self.model_name, self.info = model_name, dict(info or {})
         self._handles: dict[int, AppliedEdit] = {}

@@ -1,0 +1,162 @@
+"""One conformance suite: every editing method x every registered family, on tiny random models.
+
+compute leaves the weights bit-identical; apply changes only the declared weights; revert is
+bitwise; double apply is refused; save/load round-trips; a delta for other weights is refused.
+Bad input fails with a clear error before any work, the model untouched.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+import kvlens
+from conftest import tiny
+from kvlens.editing import (MEMIT, ROME, Contexts, EditRequest, FineTune, LoRA, MEMITHparams, ROMEHparams,
+                            TargetOpt, WeightDelta)
+from kvlens.editing._shared import build_rows
+from kvlens.editing.memit import target_vectors
+
+REQS = [EditRequest("{} lives in", "Alice", "Paris"), EditRequest("{} works for", "Bob", "Acme")]
+CTX = Contexts(n=1, tokens=2)
+OPT = TargetOpt(steps=3, clamp=4.0)
+
+
+def stats(model, layers):
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(4 * model.d_ff, model.d_ff, generator=g)
+    return {l: k.T @ k / len(k) for l in layers}
+
+
+METHODS = {
+    "rome": lambda m: (ROME(ROMEHparams(layer=1, opt=OPT, contexts=CTX)), {"stats": stats(m, [1])}),
+    "memit": lambda m: (MEMIT(MEMITHparams(layers=(0, 1), lam=1.0, opt=OPT, contexts=CTX, z_batch=1)),
+                        {"stats": stats(m, [0, 1])}),
+    "ft-key": lambda m: (FineTune(role="key", layers=(1,), steps=2, lr=1e-2, norm_constraint=1e-2), {}),
+    "ft-value": lambda m: (FineTune(role="value", layers=(0, 2), steps=2, lr=1e-2, kl_factor=0.1), {}),
+    "ft-gate": lambda m: (FineTune(role="gate", layers=(1,), steps=2, lr=1e-2), {}),
+    "lora-key": lambda m: (LoRA(role="key", layers=(1,), steps=2, lr=1e-2), {}),
+    "lora-value": lambda m: (LoRA(role="value", layers=(1,), steps=2, lr=1e-2, kl_factor=0.1), {}),
+}
+FAMILIES = kvlens.registered_types()
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.hf.state_dict().items()}
+
+
+def changed(model, snap) -> set[str]:
+    now = model.hf.state_dict()
+    assert set(now) == set(snap)
+    return {k for k, v in snap.items() if not torch.equal(now[k], v)}
+
+
+def param_name(model, layer, role) -> str:
+    path = {"key": model.spec.key, "gate": model.spec.gate, "value": model.spec.value}[role]
+    return f"{model.spec.layers}.{layer}.{model.spec.mlp}.{path}.weight"
+
+
+def compute(method, model, **kw):
+    factory = METHODS[method]
+    editor, extra = factory(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny random models rarely reach the goal
+        return editor.compute(model, REQS, **extra, **kw)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conformance(family, method, tmp_path):
+    m = tiny(family)
+    if method == "ft-gate" and "gate" not in m.roles():
+        with pytest.raises(ValueError, match="no 'gate' projection"):
+            compute(method, m)
+        return
+    snap = snapshot(m)
+    delta = compute(method, m)
+    assert not changed(m, snap), "compute must leave the model bit-identical"
+    assert isinstance(delta, WeightDelta) and delta.requests == tuple(REQS)
+    out = delta.info["outcome"]
+    assert len(out["requests"]) == 2 and all(0 <= r["p_before"] <= 1 and 0 <= r["p_after"] <= 1
+                                             for r in out["requests"])
+    declared = {param_name(m, l, r) for l, r in delta.parts}
+    delta.apply(m)
+    assert changed(m, snap) == declared
+    with pytest.raises(RuntimeError, match="already applied"):
+        delta.apply(m)
+    delta.revert()
+    assert not changed(m, snap)
+    path = tmp_path / "d.safetensors"
+    delta.save(path)
+    back = WeightDelta.load(path, m)
+    assert set(back.parts) == set(delta.parts) and back.hparams == delta.hparams
+    with back.applied(m):
+        assert changed(m, snap) == declared
+    assert not changed(m, snap)
+    with pytest.raises(ValueError, match="does not belong"):
+        WeightDelta.load(path, tiny(family, seed=1))
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "ft-value", "lora-key"])
+def test_layers_outside_the_model_refused_untouched(method):
+    m = tiny("llama")
+    snap = snapshot(m)
+    editor, extra = METHODS[method](m)
+    bad = {"rome": dict(layer=7), "memit": dict(layers=(1, 9))}.get(method, dict(layers=(5,)))
+    editor = type(editor)(editor.hparams_for(m), **bad)
+    with pytest.raises(IndexError, match="out of range"):
+        editor.compute(m, REQS, **extra)
+    assert not changed(m, snap)
+
+
+def test_bad_statistics_refused_untouched():
+    m = tiny("gpt2")
+    snap = snapshot(m)
+    editor, extra = METHODS["rome"](m)
+    nan = extra["stats"][1].clone()
+    nan[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        editor.compute(m, REQS[:1], stats={1: nan})
+    with pytest.raises(ValueError, match="shape"):
+        editor.compute(m, REQS[:1], stats={1: torch.eye(5)})
+    with pytest.raises(ValueError, match="conflicting"):
+        editor.compute(m, [REQS[0], EditRequest("{} lives in", "Alice", "Oslo")], **extra)
+    assert not changed(m, snap)
+
+
+def test_memit_batched_z_equals_one_by_one():
+    m = tiny("llama")
+    hp = MEMITHparams(layers=(0, 1), opt=TargetOpt(steps=6, lr=0.5, clamp=4.0, weight_decay=0.0),
+                      contexts=CTX, z_batch=None)
+    rows = build_rows(m, REQS, ("{}", "Hi. {}"))
+    z_all, h, _ = target_vectors(m, rows, hp)
+    z_one, _, _ = target_vectors(m, rows, replace(hp, z_batch=1, skip_fixed=False))
+    assert (z_all - h).norm() > 0
+    torch.testing.assert_close(z_all, z_one, atol=1e-4, rtol=1e-4)
+
+
+def test_rome_key_fix_switch_changes_only_the_denominator():
+    m = tiny("gpt2")
+    fixed = ROME(ROMEHparams(layer=1, opt=OPT, contexts=Contexts(n=2, tokens=2)))
+    orig = ROME(ROMEHparams(layer=1, opt=OPT, contexts=Contexts(n=2, tokens=2), key_fix=False))
+    kw = {"stats": stats(m, [1]), "report": False}
+    a, b = fixed.compute(m, REQS[:1], **kw), orig.compute(m, REQS[:1], **kw)
+    pa, pb = a.parts[(1, "value")], b.parts[(1, "value")]
+    assert torch.equal(pa.right, pb.right)  # same δ (seeded contexts)
+    ratio = pa.left / pb.left
+    torch.testing.assert_close(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4, atol=1e-6)
+    assert a.info["contexts"] == b.info["contexts"] and len(a.info["contexts"]) == 3
+
+
+def test_sequential_requests_record_norm_history():
+    m = tiny("llama")
+    editor, extra = METHODS["rome"](m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = editor.compute(m, REQS, **extra)
+    assert d.parts[(1, "value")].rank == 2
+    hist = d.info["norm_history"]
+    assert [r["step"] for r in hist] == [0.0, 1.0, 2.0] and all("1.value" in r for r in hist)
