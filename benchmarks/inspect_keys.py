@@ -22,8 +22,8 @@ from pathlib import Path
 SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "Canada", "Brazil", "Egypt", "India", "Kenya"]
 TEMPLATES = ["The capital of {} is", "The official language of {} is", "The currency used in {} is the",
              "The largest city in {} is", "A famous dish from {} is", "The president of {} lives in",
-             "{} is a country located in", "The national sport of {} is", "Tourists who visit {} often see the",
-             "The flag of {} is mostly"]
+             "{} is a country located in", "The national sport of {} is",
+             "Tourists who visit {} often see the", "The flag of {} is mostly"]
 
 CHILD = """
 import json, resource, sys, time, torch

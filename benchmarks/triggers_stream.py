@@ -58,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     sizes = {"1x": run(args.tokens, args), "4x": run(4 * args.tokens, args)}
     result = {
-        "what": "kvlens.memory.triggers.mine on the bundled enwiki sample, embedded SmolLM2-135M (float32, CPU); "
-                "each size in a fresh process; forward stops after the highest layer mined",
+        "what": "kvlens.memory.triggers.mine on the bundled enwiki sample, embedded SmolLM2-135M "
+                "(float32, CPU); each size in a fresh process; forward stops after the highest layer mined",
         "params": {"layers": args.layers, "n": args.n, "window": args.window, "batch_size": args.batch,
                    "torch_threads": args.threads},
         "sizes": sizes,

@@ -30,8 +30,9 @@ MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000
 OUT = Path(__file__).parent / "text" / "enwiki_sample.jsonl.gz"
 MIN_CHARS = 200
 
-_DROP_LINKS = re.compile(r"\[\[(?:File|Image|Category|Media|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]",
-                         re.IGNORECASE)
+_DROP_LINKS = re.compile(
+    r"\[\[(?:File|Image|Category|Media|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]",
+    re.IGNORECASE)
 _LINK = re.compile(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]")
 _EXTLINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
 _REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.DOTALL | re.IGNORECASE)

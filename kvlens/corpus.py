@@ -148,8 +148,8 @@ def bundled() -> Corpus:
     path = DATA_DIR / BUNDLED_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"the bundled text sample {path} is missing; rebuild it with "
-            f"`pip download --no-deps gensim -d /tmp/g && python data/build_text_sample.py /tmp/g/gensim-*.whl`"
+            f"the bundled text sample {path} is missing; rebuild it with `pip download --no-deps "
+            f"gensim -d /tmp/g && python data/build_text_sample.py /tmp/g/gensim-*.whl`"
         )
     corpus = from_files(path, name="enwiki_sample")
     return replace(corpus, name=corpus.name.replace("files:", "bundled:", 1))
@@ -182,7 +182,8 @@ def from_datasets(name: str, config: str | None = None, *, split: str = "train",
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "0").lower() not in ("0", "", "false") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(v, "0").lower() not in ("0", "", "false") for v in flags)
 
 
 def _check_hub(name: str, timeout: float = 3.0) -> None:

@@ -34,7 +34,8 @@ def test_head_cuts_documents_and_changes_id():
 def test_from_files_plain_jsonl_gz_and_directory(tmp_path):
     (tmp_path / "b.txt").write_text("second file text")
     (tmp_path / "a.txt").write_text("first file text")
-    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "json one"}) + "\n\n" + json.dumps({"text": "json two"}))
+    lines = [json.dumps({"text": "json one"}), "", json.dumps({"text": "json two"})]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
     with gzip.open(tmp_path / "d.txt.gz", "wt") as f:
         f.write("gzipped text")
     c = kc.from_files(tmp_path)

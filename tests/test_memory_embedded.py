@@ -39,13 +39,15 @@ def test_find_memories_finds_top_paris_contributors(embedded, paris):
 
 
 def test_zscore_ranking_finds_values_specific_to_paris(embedded):
-    found = vocab.find_memories(embedded, " Paris", TOP_LAYERS, k=10, norm="frozen", by="zscore", both_signs=True)
+    found = vocab.find_memories(embedded, " Paris", TOP_LAYERS, k=10, norm="frozen", by="zscore",
+                                both_signs=True)
     assert all(f.rank < 1000 for f in found.found)  # " Paris" is in the top 2% of each value's tokens
     assert [abs(f.score) for f in found.found] == sorted((abs(f.score) for f in found.found), reverse=True)
 
 
 def test_switching_off_paris_contributors_lowers_paris(embedded, paris):
-    off = intervene.intervene(embedded, PROMPT, {(l, i): 0.0 for l, i, _ in paris.top(10)}, target=" Paris", k=5)
+    scales = {(l, i): 0.0 for l, i, _ in paris.top(10)}
+    off = intervene.intervene(embedded, PROMPT, scales, target=" Paris", k=5)
     assert off.before.top == " Paris" and off.target_before > 0.5
     assert off.target_after < off.target_before / 2 and off.kl > 0.1
 

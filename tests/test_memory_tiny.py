@@ -88,7 +88,8 @@ def test_values_equal_manual_projection(m):
     fn = vocab.frozen_norm(m)
     v = m.V(1)[3].float()
     v = v - v.mean() if fn.center else v
-    torch.testing.assert_close(frozen.top_scores[0], ((fn.gain * v) @ E.T).topk(4).values, rtol=1e-5, atol=1e-5)
+    manual_frozen = ((fn.gain * v) @ E.T).topk(4).values
+    torch.testing.assert_close(frozen.top_scores[0], manual_frozen, rtol=1e-5, atol=1e-5)
     assert proj.promoted(3)[0][1] == pytest.approx(float(manual[0].max()))
     assert len(proj.rows()) == 3 and proj.k == 4
 
@@ -184,7 +185,8 @@ def test_intervention_identity_and_switch_off(m):
     assert same.before == same.after and same.kl == pytest.approx(0.0, abs=1e-6) and not same.changed
     off = intervene.intervene(m, "hello world", {(2, i): 0.0 for i in range(m.d_ff)}, k=3, target="d")
     batch = m.tokenize("hello world")
-    logits = tracing.run(m, batch, read=[Site("logits")], write={Site("key", 2): torch.zeros_like})[Site("logits")]
+    writes = {Site("key", 2): torch.zeros_like}
+    logits = tracing.run(m, batch, read=[Site("logits")], write=writes)[Site("logits")]
     probs = logits[0, -1].float().softmax(-1)
     assert off.after.probs == pytest.approx(probs.topk(3).values.tolist(), rel=1e-4)
     assert off.target_after == pytest.approx(float(probs[m.token_id("d")]), rel=1e-4)

@@ -88,6 +88,7 @@ def test_trigger_errors(m, small):
         triggers.trigger_examples(m, (0, 999), small)
     with pytest.raises(IndexError, match="layer 9 is out of range"):
         triggers.trigger_examples(m, (9, 0), small)
-    res = triggers.trigger_examples(m, (0, 0), small, n=1, window=8, max_tokens=20, cache=False, progress=False)
+    res = triggers.trigger_examples(m, (0, 0), small, n=1, window=8, max_tokens=20, cache=False,
+                                    progress=False)
     with pytest.raises(KeyError, match="was not mined"):
         res[(1, 1)]

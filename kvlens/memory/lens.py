@@ -143,7 +143,8 @@ def _memory_tokens(model: KVModel, layer: int, memories: list[int], signs: list[
     """Top token of ``sign · v_i`` for each memory (memoised across prompts)."""
     todo = [(m, s) for m, s in zip(memories, signs) if (layer, m, s) not in memo]
     if todo:
-        V = model.V(layer).detach()[[m for m, _ in todo]].float() * torch.tensor([s for _, s in todo])[:, None]
+        flips = torch.tensor([s for _, s in todo])[:, None]
+        V = model.V(layer).detach()[[m for m, _ in todo]].float() * flips
         for (m, s), t in zip(todo, to_vocab(model, V, norm).argmax(-1).tolist()):
             memo[(layer, m, s)] = t
     return [memo[(layer, m, s)] for m, s in zip(memories, signs)]

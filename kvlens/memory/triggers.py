@@ -166,8 +166,8 @@ def trigger_examples(model: KVModel, memories: MemoryId | Sequence[MemoryId], co
     """
     check_k(n, "n")
     check_k(window, "window")
-    pairs = [memories] if isinstance(memories, tuple) and len(memories) == 2 and isinstance(memories[0], int) \
-        else list(memories)
+    single = isinstance(memories, tuple) and len(memories) == 2 and isinstance(memories[0], int)
+    pairs = [memories] if single else list(memories)
     if not pairs:
         raise ValueError("memories is empty: pass (layer, index) pairs")
     pairs = [(model.check_layer(l), check_memory(model, l, i)) for l, i in pairs]
@@ -197,7 +197,8 @@ def _load_or_mine(model: KVModel, corpus: Corpus, layers: list[int], n: int, win
     for l, path in paths.items():
         if path.is_file():
             payload = torch.load(path)
-            tops[l], seen = _TopN(payload["values"], payload["window"], payload["position"]), payload["tokens"]
+            tops[l] = _TopN(payload["values"], payload["window"], payload["position"])
+            seen = payload["tokens"]
     missing = [l for l in layers if l not in tops]
     if missing:
         mined, seen = mine(model, missing, corpus, n=n, window=window, max_tokens=max_tokens,

@@ -58,7 +58,8 @@ class FrozenNorm:
         """The same norm with its scale frozen at ``residual`` ``[d_model]``."""
         x = residual.float().to(self.gain.device)
         x = x - x.mean() if self.center else x
-        return FrozenNorm(self.gain, self.center, torch.sqrt((x * x).mean() + self.eps), self.offset, self.eps)
+        scale = torch.sqrt((x * x).mean() + self.eps)
+        return FrozenNorm(self.gain, self.center, scale, self.offset, self.eps)
 
 
 def frozen_norm(model: KVModel, residual: torch.Tensor | None = None) -> FrozenNorm:
@@ -72,7 +73,8 @@ def frozen_norm(model: KVModel, residual: torch.Tensor | None = None) -> FrozenN
     if weight is None:
         raise NotImplementedError(f"final norm {type(module).__name__} has no weight; use norm='none'")
     bias = getattr(module, "bias", None)
-    eps = next((float(getattr(module, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(module, a)), 1e-6)
+    names = ("eps", "variance_epsilon", "epsilon")
+    eps = next((float(getattr(module, a)) for a in names if hasattr(module, a)), 1e-6)
     gain = weight.detach().float()
     offset = torch.zeros_like(gain) if bias is None else bias.detach().float()
     probe = torch.randn(gain.shape[0], generator=torch.Generator().manual_seed(0)).to(gain.device)
@@ -203,7 +205,8 @@ def values(model: KVModel, layer: int, memories: int | Sequence[int], *, k: int 
     return VocabProjection(
         model.name, layer, idx, norm,
         top_ids, torch.cat([t.values for t in tops]).cpu(), [model.token_strings(r) for r in top_ids],
-        bottom_ids, -torch.cat([b.values for b in bottoms]).cpu(), [model.token_strings(r) for r in bottom_ids],
+        bottom_ids, -torch.cat([b.values for b in bottoms]).cpu(),
+        [model.token_strings(r) for r in bottom_ids],
     )
 
 
@@ -297,7 +300,8 @@ def find_memories(model: KVModel, token: str | int, layers: Sequence[int] | None
     return FoundMemories(model.name, text, tid, norm, by, found, scores)
 
 
-def to_vocab_column(model: KVModel, vectors: torch.Tensor, token_id: int, norm: Norm = "none") -> torch.Tensor:
+def to_vocab_column(model: KVModel, vectors: torch.Tensor, token_id: int,
+                    norm: Norm = "none") -> torch.Tensor:
     """The logit of one token read from many vectors ``[n, d_model]`` -> ``[n]`` (cheap: no full vocab)."""
     E = unembedding_matrix(model)
     vectors = vectors.to(E.device).float()

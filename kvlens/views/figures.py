@@ -48,7 +48,8 @@ def top_memories_heatmap(acts: KeyActivations, prompt: int = 0, token: int = -1,
     tops = acts.top_per_layer(k, prompt, token)
     z = [t.coefficients for t in tops]
     text = [[f"m{m}" for m in t.memories] for t in tops]
-    fig = go.Figure(go.Heatmap(z=z, x=[f"#{r + 1}" for r in range(len(z[0]))], y=[f"L{t.layer}" for t in tops],
+    ranks = [f"#{r + 1}" for r in range(len(z[0]))]
+    fig = go.Figure(go.Heatmap(z=z, x=ranks, y=[f"L{t.layer}" for t in tops],
                                text=text, texttemplate="%{text}", colorscale="RdBu", zmid=0,
                                colorbar=dict(title="coefficient")))
     fig.update_layout(title=f"Strongest memories per layer at token {tops[0].token!r}",
@@ -121,7 +122,8 @@ def contribution_waterfall(contrib: Contributions, k: int = 10) -> go.Figure:
     values = [c for _, _, c in top] + [memories - chosen, biases]
     if contrib.norm == "frozen":
         rest = contrib.logit - memories - biases
-        names, values, total = names + ["embedding, attention, other layers, offset"], values + [rest], "logit"
+        names, values = names + ["embedding, attention, other layers, offset"], values + [rest]
+        total = "logit"
     else:
         total = "FFN outputs (raw)"
     fig = go.Figure(go.Waterfall(x=names + [total], y=values + [0.0],
@@ -137,7 +139,8 @@ def logit_lens_grid(lens: LogitLens, prompt: int = 0) -> go.Figure:
         raise IndexError(f"prompt {prompt} is out of range (0..{len(lens.prompts) - 1})")
     ids, probs = lens.top_ids[prompt][..., 0], lens.top_probs[prompt][..., 0]
     text = [[html.escape(repr(lens.vocab[int(i)])) for i in row] for row in ids]
-    fig = go.Figure(go.Heatmap(z=probs.tolist(), x=_labels(lens.tokens[prompt]), y=[f"L{l}" for l in lens.layers],
+    fig = go.Figure(go.Heatmap(z=probs.tolist(), x=_labels(lens.tokens[prompt]),
+                               y=[f"L{l}" for l in lens.layers],
                                text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
                                colorbar=dict(title="p(top)")))
     fig.update_layout(title=f"Logit lens: {lens.prompts[prompt]!r}", xaxis_title="input token",
@@ -173,6 +176,6 @@ def trigger_table(triggers: TriggerExamples, memory: tuple[int, int], context: i
                              cells=dict(values=[list(range(1, len(rows) + 1)),
                                                 [f"{ex.coefficient:.3f}" for ex in rows], texts],
                                         align=["center", "right", "left"])))
-    fig.update_layout(title=f"Trigger examples of L{memory[0]}.m{memory[1]} ({triggers.tokens_seen} tokens of "
-                            f"{triggers.corpus_id})")
+    fig.update_layout(title=f"Trigger examples of L{memory[0]}.m{memory[1]} "
+                            f"({triggers.tokens_seen} tokens of {triggers.corpus_id})")
     return fig
