@@ -1,0 +1,74 @@
+"""Edits on the real embedded model: Eiffel Tower -> Rome by ROME, MEMIT, key-FT, value-FT, LoRA.
+
+Each edit makes " Rome" top-1 on the prompt, raises it on a paraphrase, keeps "The capital of
+France is" -> " Paris", and ``revert()`` gives the model back bit for bit. Statistics come from a
+small low-sample estimate (a few thousand tokens) to keep the test fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from kvlens.editing import MEMIT, ROME, EditRequest, KeyFT, LoRAKeys, ValueFT, WeightDelta
+from kvlens.editing._shared import target_report
+from kvlens.memory.stats import second_moments
+
+REQ = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+PARAPHRASE = EditRequest("The famous {} stands in the city of", "Eiffel Tower", "Rome")
+CONTROL = EditRequest("{} is", "The capital of France", "Paris")
+
+
+@pytest.fixture(scope="module")
+def stats(embedded):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # low-sample mode, on purpose
+        return second_moments(embedded, [4, 5, 6, 7, 8], n_tokens=3000, cache=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def before(embedded):
+    return {"weights": {k: v.clone() for k, v in embedded.hf.state_dict().items()},
+            "probe": target_report(embedded, [PARAPHRASE, CONTROL])}
+
+
+def unchanged(model, weights) -> bool:
+    return all(torch.equal(v, weights[k]) for k, v in model.hf.state_dict().items())
+
+
+EDITORS = {
+    "rome": (lambda: ROME(), True),
+    "memit": (lambda: MEMIT(), True),
+    "key-ft": (lambda: KeyFT(), False),
+    "value-ft": (lambda: ValueFT(), False),
+    "lora-keys": (lambda: LoRAKeys(), False),
+}
+
+
+@pytest.mark.parametrize("name", list(EDITORS))
+def test_eiffel_tower_to_rome(embedded, stats, before, name):
+    factory, needs_stats = EDITORS[name]
+    delta = factory().compute(embedded, [REQ], **({"stats": stats} if needs_stats else {}))
+    assert unchanged(embedded, before["weights"]), "compute must leave the model bit-identical"
+    out = delta.info["outcome"]
+    assert out["reached"] and out["requests"][0]["p_after"] > out["requests"][0]["p_before"]
+    handle = delta.apply(embedded)
+    now = target_report(embedded, [REQ, PARAPHRASE, CONTROL])
+    delta.revert()
+    assert not handle.active and unchanged(embedded, before["weights"])
+    assert now[0]["top1"] == " Rome" and now[0]["target_is_top1"]
+    assert now[1]["p_target"] > before["probe"][0]["p_target"] + 0.2, "the edit should generalise to a paraphrase"
+    assert now[2]["top1"] == " Paris", "an unrelated fact must survive"
+
+
+def test_delta_file_round_trip_on_embedded(embedded, stats, before, tmp_path):
+    delta = ROME().compute(embedded, [REQ], stats=stats, report=False)
+    path = tmp_path / "eiffel.safetensors"
+    delta.save(path)
+    back = WeightDelta.load(path, embedded)
+    assert back.info["contexts"] == delta.info["contexts"] and back.hparams["layer"] == 8
+    with back.applied(embedded):
+        assert target_report(embedded, [REQ])[0]["top1"] == " Rome"
+    assert unchanged(embedded, before["weights"])
