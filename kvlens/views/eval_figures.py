@@ -4,19 +4,23 @@
 * :func:`method_comparison` — several reports (e.g. key-side vs value-side methods): grouped bars;
 * :func:`scaling_curve` — a metric against the number of edits, per method, the unedited
   baseline dotted (MEMIT Fig. 5 style);
-* :func:`case_shift` — per-case before vs after of one metric (which requests moved).
+* :func:`case_shift` — per-case before vs after of one metric (which requests moved);
+* :func:`comparison_figure` / :func:`scaling_figure` — the figures of :mod:`kvlens.experiments` results.
 
 Every axis or legend names the metric's convention (counterfact / zsre / easyedit / generation).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import plotly.graph_objects as go
 
 from kvlens.evaluate import AGGREGATES, EditReport
 from kvlens.metrics import Estimate
+
+if TYPE_CHECKING:
+    from kvlens.experiments import Comparison, Scaling
 
 DEFAULT_METRICS = ("ES", "PS", "NS", "S")
 _PER_CASE_KEY = {name: key for name, key, _ in AGGREGATES}
@@ -127,4 +131,30 @@ def case_shift(report: EditReport, metric: str = "EM") -> go.Figure:
                                 hovertemplate="%{text}<br>before %{x:.3f}<br>after %{y:.3f}")])
     fig.update_layout(title=f"{metric} per request, before vs after {report.method or 'the edit'}",
                       xaxis_title=f"{metric} before", yaxis_title=f"{metric} after")
+    return fig
+
+
+def comparison_figure(comparison: "Comparison", columns: Sequence[str] = ("Score", "Efficacy", "Generalization",
+                                                                          "Specificity")) -> go.Figure:
+    """The keys-vs-values bar chart of a :class:`~kvlens.experiments.Comparison` (Qiu et al.'s columns).
+
+    Fluency (GE, on another scale) is left out by default; pass ``("Fluency",)`` to plot it alone.
+    """
+    from kvlens.experiments import COLUMNS
+
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown columns {unknown}; choose from {list(COLUMNS)}")
+    names = {f"{n} ({comparison.sides[n]})" if comparison.sides.get(n) else n: r
+             for n, r in comparison.reports.items()}
+    fig = method_comparison(names, [COLUMNS[c] for c in columns], baseline=comparison.baseline)
+    fig.update_xaxes(ticktext=list(columns), tickvals=[COLUMNS[c] for c in columns])
+    fig.update_layout(title=f"Keys vs values: {len(comparison.baseline.cases)} requests, {comparison.mode} edits")
+    return fig
+
+
+def scaling_figure(result: "Scaling", metric: str = "ES") -> go.Figure:
+    """The scaling curve of a :class:`~kvlens.experiments.Scaling` result, baseline dotted."""
+    fig = scaling_curve(result.points, metric, baseline=result.baseline)
+    fig.update_layout(title=f"{metric} against the number of {result.mode} edits")
     return fig

@@ -1,0 +1,56 @@
+"""Experiments (keys vs values, scaling) on a tiny model: structure, shared baseline, figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny
+from kvlens.datasets import EvalCase
+from kvlens.editing import KeyFT, ValueFT
+from kvlens.experiments import compare_methods, requests_of, scaling
+from kvlens.views import eval_figures as F
+
+METHODS = {"FT keys": (lambda: KeyFT(layers=(1,), steps=3, lr=1e-2), "key"),
+           "FT values": (lambda: ValueFT(layers=(1,), steps=3, lr=1e-2), "value")}
+
+
+def _cases(n=4):
+    return [EvalCase(i, "{} is in", s, " xy", " zw", paraphrase_prompts=(f"{s} lies in",),
+                     neighborhood_prompts=("def is in",), generation_prompts=(f"{s} is", f"{s} was"))
+            for i, s in enumerate(["abc", "abd", "abe", "abf"][:n])]
+
+
+def test_compare_methods_shares_the_baseline_and_leaves_model_unchanged():
+    model = tiny("llama")
+    fp = model.fingerprint()
+    comp = compare_methods(model, _cases(3), METHODS, generation=True, max_new_tokens=4)
+    assert model.fingerprint() == fp
+    assert list(comp.reports) == ["FT keys", "FT values"] and comp.sides["FT keys"] == "key"
+    for r in comp.reports.values():
+        assert r.per_case["before"] == comp.baseline.per_case["current"]
+        assert all(len(c.generation_prompts) == 1 for c in r.cases)  # GE on the first prompt only
+    rows = comp.table()
+    assert [r["method"] for r in rows] == ["unedited", "FT keys", "FT values"]
+    assert rows[1]["Efficacy"] == comp.reports["FT keys"].aggregate["after"]["ES"]
+    assert rows[0]["Fluency"] is not None and "Specificity" in comp.summary()
+    fig = F.comparison_figure(comp)
+    assert [t.name for t in fig.data] == ["unedited", "FT keys (key)", "FT values (value)"]
+
+
+def test_scaling_grid_and_sequential_mode():
+    model = tiny("llama")
+    sc = scaling(model, _cases(4), {"FT values": METHODS["FT values"]}, mode="sequential")
+    assert [n for n, _ in sc.points["FT values"]] == [1, 2, 4]
+    assert [len(r.cases) for _, r in sc.points["FT values"]] == [1, 2, 4]
+    assert len(sc.table()) == 3 and "sequential" in sc.summary()
+    fig = F.scaling_figure(sc, "ES")
+    assert list(fig.data[0].x) == [1, 2, 4]
+    with pytest.raises(ValueError, match="ns must lie"):
+        scaling(model, _cases(2), {"FT values": METHODS["FT values"]}, ns=[4])
+    with pytest.raises(KeyError, match="unknown methods"):
+        compare_methods(model, _cases(1), ["nope"])
+
+
+def test_requests_of_cases():
+    (req,) = requests_of(_cases(1))
+    assert (req.prompt, req.subject, req.target_new.strip(), req.target_true.strip()) == ("{} is in", "abc", "xy", "zw")
