@@ -181,3 +181,22 @@ def test_bad_parts_refused():
     with pytest.raises(ValueError, match="no gate"):
         WeightDelta.from_model(m, {(0, "gate"): Part(torch.zeros(m.d_ff, m.d_model))}, method="t",
                                hparams={}, requests=[REQ])
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj", "llama"])
+def test_value_delta_as_trace_intervention_matches_weight_edit(model_type):
+    from kvlens import tracing
+    from kvlens.models.kvmodel import Site
+
+    m = tiny(model_type)
+    snap = snapshot(m)
+    d = make_delta(m, layer=1) + make_delta(m, layer=2, seed=3)
+    batch = m.tokenize(["Alice lives in", "Bob"])
+    logits = Site("logits")
+    traced = tracing.run(m, batch, write=d.writes(m), read=[logits])[logits]
+    assert same(m, snap)
+    with d.applied(m):
+        edited = tracing.run(m, batch, read=[logits])[logits]
+    torch.testing.assert_close(traced, edited, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="only value parts"):
+        make_delta(m, role="key").writes(m)

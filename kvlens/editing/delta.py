@@ -18,7 +18,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from kvlens.editing.request import EditRequest
-from kvlens.models.kvmodel import KVModel, Role
+from kvlens.models.kvmodel import KVModel, Role, Site
+from kvlens.tracing import Write
 
 PartKey = tuple[int, Role]
 
@@ -221,6 +222,34 @@ class WeightDelta:
         finally:
             if handle.active:
                 handle.revert(force=True)
+
+    def writes(self, model: KVModel) -> dict[Site, Write]:
+        """The delta as trace writes for :func:`kvlens.tracing.run`; the weights stay untouched.
+
+        A value part adds ``k ΔV`` to the FFN output, with k the key activation read in the same
+        forward (FFN(x) = k V + b). Key and gate parts change the FFN *inside* its nonlinearity,
+        which no site exposes: apply those deltas to the weights instead.
+        """
+        writes: dict[Site, Write] = {}
+        for (layer, role), part in self.parts.items():
+            if role != "value":
+                raise ValueError(f"part {layer}.{role}: only value parts can run as a trace intervention; "
+                                 "use delta.apply(model) / delta.applied(model) for key and gate edits")
+            stash: dict[str, torch.Tensor] = {}
+
+            def keep(state: torch.Tensor, stash: dict[str, torch.Tensor] = stash) -> torch.Tensor:
+                stash["k"] = state
+                return state
+
+            def add(state: torch.Tensor, stash: dict[str, torch.Tensor] = stash, part: Part = part) -> torch.Tensor:
+                change = stash["k"].float() @ part.left.to(state.device).float()
+                if part.right is not None:
+                    change = change @ part.right.to(state.device).float()
+                return state + change.to(state.dtype)
+
+            writes[Site("key", layer)] = keep
+            writes[Site("mlp", layer)] = add
+        return writes
 
     # ---- algebra -------------------------------------------------------------------------
     def compose(self, other: "WeightDelta") -> "WeightDelta":

@@ -82,7 +82,8 @@ class MEMITHparams:
     """MEMIT (Meng et al. 2023): spread the update over ``layers`` (the critical range R).
 
     ``lam``: λ of Eq. 15 (``mom2_update_weight``). ``z_batch``: requests whose z are optimised in
-    one batched optimisation (None: all at once; 1: one by one as in the paper).
+    one batched optimisation (None: all at once; 1: one by one as in the paper); it bounds the
+    memory of the backward pass (activations of z_batch x (contexts + 2) prompts).
     ``skip_fixed``: replay the layers up to L from a cache instead of recomputing them (they do
     not depend on δ) and decode only the target positions.
     """
@@ -91,7 +92,7 @@ class MEMITHparams:
     lam: float = 15_000.0
     opt: TargetOpt = field(default_factory=lambda: TargetOpt(steps=25, clamp=0.75))
     contexts: Contexts = field(default_factory=lambda: Contexts(n=5, tokens=10))
-    z_batch: int | None = 64
+    z_batch: int | None = 32
     skip_fixed: bool = True
     stats_tokens: int = 100_000
 

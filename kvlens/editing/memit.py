@@ -101,7 +101,6 @@ class MEMIT(EditMethod):
                 keys, h_now = subject_states(model, rows, [key])[key], h
             resid = (z - h_now) / (len(hp.layers) - i)  # Eq. 20
             parts[(layer, "value")] = layer_update(moments[layer], keys, resid, hp.lam)
-        info = {"contexts": list(templates), "opt": log, "z": z.tolist() if len(requests) <= 16 else None,
-                "delta_norms": (z - h).norm(dim=-1).tolist()}
+        info = {"contexts": list(templates), "opt": log, "z": z, "delta_norms": (z - h).norm(dim=-1).tolist()}
         return WeightDelta.from_model(model, parts, method=self.name, hparams=hp.to_dict(),
                                       requests=requests, info=info)
