@@ -128,7 +128,7 @@ def trace(model: KVModel, prompt: str, subject: str, target: str | int | Sequenc
         progress: show a progress bar over cells.
     """
     kinds = check_kinds(kind)
-    check_args(model, samples, window)
+    check_args(model, samples, window if set(kinds) & {"mlp", "attn"} else 1)
     check_mode(mode, remote)
     setup = prepare(model, prompt, subject, target, noise=noise, samples=samples, seed=seed)
     if mode == "approx":

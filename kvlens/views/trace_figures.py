@@ -1,0 +1,114 @@
+"""Plotly figures of causal traces: pure functions from results to ``go.Figure``.
+
+Colours follow ROME's plots (``plot_trace_heatmap``): purple for hidden states, green for MLP,
+red for attention; the colour scale starts at the corrupted probability. Subject tokens are
+marked with ``*`` and the target is named in the title.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from kvlens.causal.many import TraceSummary
+from kvlens.causal.severed import CURVES, SeveredTrace, suggest_edit_layers
+from kvlens.causal.trace import CausalTrace
+
+COLORSCALES = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+NAMES = {"hidden": "single restored layer", "mlp": "restored MLP", "attn": "restored attention"}
+_LINE = {"normal": "#6a3d9a", "mlp_severed": "#33a02c", "attn_severed": "#e31a1c"}
+
+
+def token_labels(tr: CausalTrace) -> list[str]:
+    """Token labels for axes: ``position: token``, subject tokens marked with ``*``."""
+    start, end = tr.subject_range
+    return [f"{i}: {t!r}{'*' if start <= i < end else ''}" for i, t in enumerate(tr.tokens)]
+
+
+def _heatmap(tr: CausalTrace, kind: str, colorbar_x: float | None = None) -> go.Heatmap:
+    z = tr.scores[kind].numpy()
+    window = tr.params.get("window")
+    title = f"p({tr.target.strip()})" + ("" if kind == "hidden" else f"<br>window {window}")
+    bar: dict[str, Any] = dict(title=title)
+    if colorbar_x is not None:
+        bar["x"] = colorbar_x
+    return go.Heatmap(z=z, x=list(range(tr.n_layers)), y=token_labels(tr), colorscale=COLORSCALES[kind],
+                      zmin=tr.low, zmax=max(tr.low + 1e-9, float(z.max())), colorbar=bar,
+                      hovertemplate="layer %{x}<br>%{y}<br>p=%{z:.3f}<extra></extra>")
+
+
+def trace_heatmap(tr: CausalTrace, kind: str | None = None) -> go.Figure:
+    """Tokens × layers heatmap of ``p(target)`` with the state of ``kind`` restored."""
+    kind = tr._kind(kind)
+    fig = go.Figure(_heatmap(tr, kind))
+    note = "" if not tr.estimate else " — ESTIMATE (attribution patching)"
+    fig.update_layout(title=f"Impact of {NAMES[kind]} on p({tr.target.strip()!r}){note}",
+                      xaxis_title="layer", height=220 + 24 * len(tr.tokens), width=720)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def trace_heatmaps(tr: CausalTrace) -> go.Figure:
+    """The heatmaps of every traced kind side by side (ROME's three-panel figure)."""
+    n = len(tr.kinds)
+    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.09,
+                        subplot_titles=[NAMES[k] for k in tr.kinds])
+    for i, kind in enumerate(tr.kinds):
+        fig.add_trace(_heatmap(tr, kind, colorbar_x=(i + 1) / n - 0.02), row=1, col=i + 1)
+        fig.update_xaxes(title_text="layer", row=1, col=i + 1)
+    note = "" if not tr.estimate else " — ESTIMATE (attribution patching)"
+    fig.update_layout(title=(f"Causal trace of {tr.subject!r} → {tr.target.strip()!r}: p clean {tr.high:.3f}, "
+                             f"corrupted {tr.low:.3f}{note}"),
+                      height=260 + 24 * len(tr.tokens), width=380 * n)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def severed_chart(sv: SeveredTrace, edit_layers: range | None = None) -> go.Figure:
+    """Indirect effect per layer at the token, normal and with MLP / attention severed.
+
+    The gap between the normal and MLP-severed curves is shaded; the suggested edit range
+    (:func:`suggest_edit_layers`, unless given) is marked.
+    """
+    layers = list(range(sv.n_layers))
+    fig = go.Figure()
+    for curve in CURVES:
+        fig.add_trace(go.Scatter(x=layers, y=sv.effect(curve).numpy(), name=curve.replace("_", " "),
+                                 mode="lines+markers", line=dict(color=_LINE[curve]),
+                                 fill="tonexty" if curve == "mlp_severed" else None,
+                                 fillcolor="rgba(51,160,44,0.15)"))
+    edit_layers = suggest_edit_layers(sv) if edit_layers is None else edit_layers
+    fig.add_vrect(x0=edit_layers.start - 0.5, x1=edit_layers.stop - 0.5, fillcolor="gold", opacity=0.2,
+                  line_width=0, annotation_text=f"suggested MLP edit layers {edit_layers.start}–"
+                                                f"{edit_layers.stop - 1}", annotation_position="top left")
+    fig.update_layout(title=(f"Severed paths at {sv.token_text!r} (token {sv.token}), target "
+                             f"{sv.target.strip()!r}; shaded: gap normal − MLP severed"),
+                      xaxis_title="restored layer", yaxis_title="indirect effect on p(target)",
+                      height=420, width=760)
+    return fig
+
+
+def _band(x: list[int], mean: Any, half: Any, name: str, color: str) -> list[go.Scatter]:
+    upper, lower = (mean + half).tolist(), (mean - half).tolist()
+    return [go.Scatter(x=x + x[::-1], y=upper + lower[::-1], fill="toself", fillcolor=color, opacity=0.2,
+                       line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=name),
+            go.Scatter(x=x, y=mean.tolist(), name=name, mode="lines", line=dict(color=color), legendgroup=name)]
+
+
+def average_curves(summary: TraceSummary, kind: str = "hidden") -> go.Figure:
+    """Average indirect effect per layer for each token group, with 95 % CI bands."""
+    if kind not in summary.mean:
+        raise KeyError(f"kind {kind!r} was not traced; the summary holds {summary.kinds}")
+    colors = ["#1f77b4", "#9467bd", "#d62728", "#2ca02c", "#8c564b", "#ff7f0e"]
+    mean, ci = summary.mean[kind], summary.ci[kind]
+    x = list(range(mean.shape[1]))
+    fig = go.Figure()
+    for g, name in enumerate(summary.groups):
+        if not mean[g].isnan().all():
+            for tr in _band(x, mean[g], ci[g], name, colors[g % len(colors)]):
+                fig.add_trace(tr)
+    fig.update_layout(title=f"Average indirect effect of {NAMES[kind]} over {summary.n_facts} facts (95 % CI)",
+                      xaxis_title="layer", yaxis_title="average indirect effect", height=420, width=760)
+    return fig
