@@ -73,7 +73,7 @@ def test_logit_lens_and_composition_reach_paris(embedded):
     comp = lens.composition(embedded, [PROMPT, "The Eiffel Tower is located in the city of"],
                             layers=TOP_LAYERS[-3:], k=3)
     assert [comp.vocab[f] for f in comp.final] == [" Paris", " Paris"]
-    assert comp.stats()[-1]["final_reached"] == 1.0
+    assert comp.stats()[-1]["after_predicts_final"] == 1.0
     assert comp.first_layer(0) in TOP_LAYERS
 
 

@@ -66,7 +66,8 @@ def test_logit_lens_grid_and_composition(m):
         figures.logit_lens_grid(ll, prompt=3)
     comp = lens.composition(m, ["hello world", "abc"], k=2)
     lines = figures.composition_lines(comp)
-    assert len(lines.data) == 4 and list(lines.data[2].y) == [r["final_reached"] for r in comp.stats()]
+    expected = [r["residual_predicts_final"] for r in comp.stats()]
+    assert len(lines.data) == 4 and list(lines.data[1].y) == expected
 
 
 def test_trigger_table_highlights_the_token(m, tmp_path):

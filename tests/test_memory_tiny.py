@@ -41,7 +41,7 @@ def test_coefficients_times_values_give_the_ffn_output(m):
     out = tracing.run(m, batch, read=[Site("mlp", 2)])[Site("mlp", 2)][0].float()
     coef = activations.keys(m, PROMPTS[0], layers=[2]).coefficients[2][0]
     b = m.value_bias(2)
-    manual = coef @ m.V(2).float() + (0 if b is None else b.float())  # Geva et al. 2021, Eq. 2
+    manual = coef @ m.V(2).float() + (0 if b is None else b.float())  # Geva et al. 2021, §2
     torch.testing.assert_close(manual, out, rtol=1e-4, atol=1e-5)
 
 
@@ -77,7 +77,7 @@ def test_values_equal_manual_projection(m):
     E = m.unembedding.weight.float()
     b = m.unembedding.bias
     proj = vocab.values(m, 1, [3, 0, 7], k=4)
-    manual = m.V(1)[[3, 0, 7]].float() @ E.T  # Geva et al. 2021, Eq. 3 (logits)
+    manual = m.V(1)[[3, 0, 7]].float() @ E.T  # Geva et al. 2021, §4 (logits)
     torch.testing.assert_close(proj.top_scores, manual.topk(4).values)
     torch.testing.assert_close(proj.bottom_scores, -(-manual).topk(4).values)
     assert proj.top_ids[1].tolist() == manual[1].topk(4).indices.tolist()
@@ -229,8 +229,21 @@ def test_composition_readings_and_stats(m):
     fn = vocab.frozen_norm(m)
     i, sign = step.memories[0], 1.0 if step.coefficients[0] >= 0 else -1.0
     assert step.memory_tokens[0] == int((fn(sign * m.V(1)[i].float()) @ E.T).argmax())
-    for row in comp.stats():
-        assert row["to_ffn_top"] + row["compromise"] == pytest.approx(row["changed"])
-        assert row["any_agrees"] >= row["top1_agrees"] and 0 <= row["composition"] <= 1
-    assert comp.stats()[-1]["final_reached"] == 1.0  # the last residual read by the head is the model
+    for row in comp.stats():  # the four cases of Geva et al. 2021, Fig. 11 partition the prompts
+        assert row["residual"] + row["ffn"] + row["agreement"] + row["composition"] == pytest.approx(1.0)
+        assert row["memory_agreement"] >= row["top1_agreement"]
+        assert row["memory_agreement"] + row["no_memory_agreement"] == pytest.approx(1.0)
+        assert 0 <= row["p_final"] <= 1
+    assert comp.stats()[-1]["after_predicts_final"] == 1.0  # the last residual read by the head is the model
+    logits = vocab.to_vocab(m, step_residual(m, PROMPTS[0], 1), "final")
+    assert step.before == int(logits.argmax())
+    active = lens.composition(m, PROMPTS[:1], layers=[1], k=None)
+    assert active.steps[0][0].memories == (coef > 0).nonzero().flatten().tolist()
+
+
+def step_residual(m, prompt, layer):
+    """r_l = o_l - y_l at the last token, computed from the states directly."""
+    batch = m.tokenize(prompt)
+    states = tracing.run(m, batch, read=[Site("resid", layer), Site("mlp", layer)])
+    return (states[Site("resid", layer)] - states[Site("mlp", layer)])[0, -1]
     assert comp.first_layer(0) is not None

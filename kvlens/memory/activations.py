@@ -1,6 +1,6 @@
 """Which keys fire: memory coefficients per prompt, layer and token (Geva et al. 2021, §3).
 
-The FFN of layer ``l`` is a key-value memory (Geva et al. 2021, Eq. 2)::
+The FFN of layer ``l`` is a key-value memory (Geva et al. 2021, §2, ``FF(x) = f(x·Kᵀ)·V``)::
 
     FFN(x) = f(x K(l)ᵀ) V(l) + b_V = Σ_i m_i v_i + b_V
 

@@ -1,6 +1,6 @@
 """Each memory's contribution to one token's logit, with an exact decomposition check.
 
-The FFN output of layer ``l`` is a sum of sub-updates (Geva et al. 2021, Eq. 4; Geva et al. 2022)::
+The FFN output of layer ``l`` is a sum of sub-updates (Geva et al. 2021, §5.1; Geva et al. 2022)::
 
     y_l = Σ_i m_i v_i + b_V
 
@@ -12,7 +12,7 @@ The final norm is not linear; two read-outs are offered, named:
   ``x_L`` of the prompt (:class:`~kvlens.memory.vocab.FrozenNorm`): ``r(c) = γ ⊙ P c / s(x_L)``.
   Then *all* parts of the residual (embedding, every attention and FFN output) plus the norm's
   offset ``β·E[t]`` and the unembedding bias sum exactly to the model's logit.
-* ``norm="none"`` — ``r(c) = c``: raw ``m_i v_i·E[t]`` (Geva et al. 2021, Eq. 3). Memories and
+* ``norm="none"`` — ``r(c) = c``: raw ``m_i v_i·E[t]`` (Geva et al. 2021, §4). Memories and
   bias still sum exactly to the FFN output's raw logit ``y_l·E[t]``, but not to the model's logit.
 """
 

@@ -2,7 +2,7 @@
 
 ``intervene(model, prompt, {(layer, memory): factor})`` runs the prompt with the coefficients
 ``m_i`` of those memories multiplied by ``factor`` (0 switches a memory off), so that layer
-``l`` writes ``FFN(x) = Σ_i factor_i · m_i v_i + b_V`` (Geva et al. 2021, Eq. 4). It is a write
+``l`` writes ``FFN(x) = Σ_i factor_i · m_i v_i + b_V`` (Geva et al. 2021, §5.1). It is a write
 on the ``key`` site of the forward (the value projection's input): weights stay untouched.
 The clean and the intervened prompt run as two rows of one batch.
 """

@@ -1,7 +1,7 @@
 """Where the prediction forms: the logit lens and layer composition (Geva et al. 2021, §5).
 
-Layer ``l`` adds its FFN output ``y_l = Σ_i m_i v_i + b_V`` (Eq. 4) to the residual ``r_l`` it
-receives: ``o_l = r_l + y_l`` (Eq. 5; here ``r_l := o_l - y_l``, which also covers parallel
+Layer ``l`` adds its FFN output ``y_l = Σ_i m_i v_i + b_V`` (§5.1) to the residual ``r_l`` it
+receives: ``o_l = r_l + y_l`` (§5.2; here ``r_l := o_l - y_l``, which also covers parallel
 attention/FFN blocks). Reading residuals through the model's head (final norm + unembedding)
 is the logit lens. :func:`composition` compares, at each prompt's last token,
 
@@ -90,7 +90,8 @@ class LayerStep:
     before: int  # residual entering the FFN, r_l (logit lens)
     ffn: int  # FFN output y_l (read with ``norm``)
     after: int  # residual after the layer, o_l (logit lens)
-    memories: list[int]  # the top-|m_i| memories of the layer
+    p_final: float  # probability the residual r_l gives the model's final token (§5.2, Fig. 10)
+    memories: list[int]  # the top-|m_i| memories of the layer (or all with m_i > 0)
     coefficients: list[float]
     memory_tokens: list[int]  # argmax of r(sign(m_i) v_i)·E for each of them
 
@@ -112,28 +113,32 @@ class Composition:
         return next((s.layer for s in self.steps[prompt] if s.after == self.final[prompt]), None)
 
     def stats(self) -> list[dict[str, float]]:
-        """Per layer, fractions over prompts (Geva et al. 2021, §5.1-5.2).
+        """Per layer, fractions over prompts (and a mean probability), as in Geva et al. 2021, §5.
 
-        ``top1_agrees``: the FFN's top token is that of its strongest memory; ``any_agrees``: of
-        one of its top memories; ``composition``: of none of them; ``final_reached``: the residual
-        after the layer already predicts the final token; ``changed``: the FFN changed the
-        residual's top token, split into ``to_ffn_top`` (became the FFN's top token) and
-        ``compromise`` (became another token).
+        §5.1: ``top1_agreement`` — the FFN's top token ``top(y_l)`` is its strongest memory's;
+        ``memory_agreement`` — some read memory's; ``no_memory_agreement`` — none's (Fig. 8).
+        §5.2: ``residual_predicts_final`` — ``top(r_l) = top(o_L)`` (Fig. 9); ``after_predicts_final``
+        — ``top(o_l) = top(o_L)``; ``p_final`` — mean probability of the final token under ``r_l``
+        (Fig. 10); the cases of Fig. 11: ``residual`` (``top(o_l) = top(r_l) ≠ top(y_l)``), ``ffn``
+        (``top(o_l) = top(y_l) ≠ top(r_l)``), ``agreement`` (all three equal) and ``composition``
+        (``top(o_l)`` equals neither).
         """
         rows = []
         for j, layer in enumerate(self.layers):
             col = [steps[j] for steps in self.steps]
             n = len(col)
-            changed = [s for s in col if s.before != s.after]
-            any_agree = sum(s.ffn in s.memory_tokens for s in col) / n
+            agree = sum(s.ffn in s.memory_tokens for s in col) / n
             rows.append({
                 "layer": layer,
-                "top1_agrees": sum(s.ffn == s.memory_tokens[0] for s in col) / n,
-                "any_agrees": any_agree, "composition": 1.0 - any_agree,
-                "final_reached": sum(s.after == f for s, f in zip(col, self.final)) / n,
-                "changed": len(changed) / n,
-                "to_ffn_top": sum(s.after == s.ffn for s in changed) / n,
-                "compromise": sum(s.after != s.ffn for s in changed) / n,
+                "top1_agreement": sum(bool(s.memory_tokens) and s.ffn == s.memory_tokens[0] for s in col) / n,
+                "memory_agreement": agree, "no_memory_agreement": 1.0 - agree,
+                "residual_predicts_final": sum(s.before == f for s, f in zip(col, self.final)) / n,
+                "after_predicts_final": sum(s.after == f for s, f in zip(col, self.final)) / n,
+                "p_final": sum(s.p_final for s in col) / n,
+                "residual": sum(s.after == s.before != s.ffn for s in col) / n,
+                "ffn": sum(s.after == s.ffn != s.before for s in col) / n,
+                "agreement": sum(s.after == s.before == s.ffn for s in col) / n,
+                "composition": sum(s.after != s.before and s.after != s.ffn for s in col) / n,
             })
         return rows
 
@@ -150,16 +155,26 @@ def _memory_tokens(model: KVModel, layer: int, memories: list[int], signs: list[
     return [memo[(layer, m, s)] for m, s in zip(memories, signs)]
 
 
+def _read_memories(coef: torch.Tensor, k: int | None) -> list[int]:
+    """The ``k`` memories with the largest ``|m_i|``, or (``k=None``) all with ``m_i > 0`` (§5.1)."""
+    if k is None:
+        return (coef > 0).nonzero().flatten().tolist()
+    return coef.abs().topk(min(k, coef.numel())).indices.tolist()
+
+
 def composition(model: KVModel, prompts: str | Sequence[str], layers: Sequence[int] | None = None, *,
-                k: int = 10, norm: Norm = "frozen") -> Composition:
+                k: int | None = 10, norm: Norm = "frozen") -> Composition:
     """How each layer's prediction composes from its memories and the residual (Geva et al. 2021, §5).
 
     One batched forward reads, at every prompt's last token, the residual after each layer, the
     FFN outputs and the key activations. Residuals are read with the model's head; FFN outputs
     and memories with ``norm`` (default ``"frozen"``: final norm gain, unit scale — the same
     ranking as the head gives that part of the residual; ``"none"``: raw ``·E`` as in the paper).
+    The memories read are the ``k`` largest ``|m_i|`` of each layer; ``k=None`` reads every memory
+    with ``m_i > 0`` as the paper does for ReLU models (costly: one vocabulary projection each).
     """
-    check_k(k)
+    if k is not None:
+        check_k(k)
     check_norm(norm)
     chosen = check_layers(model, layers)
     batch = model.tokenize(prompts)
@@ -172,14 +187,17 @@ def composition(model: KVModel, prompts: str | Sequence[str], layers: Sequence[i
     for l in chosen:
         after, ffn = states[Site("resid", l)], states[Site("mlp", l)]
         top_after = to_vocab(model, after, "final").argmax(-1).tolist()
-        top_before = to_vocab(model, after - ffn, "final").argmax(-1).tolist()
+        logp_before = to_vocab(model, after - ffn, "final").log_softmax(-1)
+        top_before = logp_before.argmax(-1).tolist()
+        p_final = logp_before.gather(-1, torch.tensor(final, device=logp_before.device)[:, None]).exp()
         top_ffn = to_vocab(model, ffn, norm).argmax(-1).tolist()
         coef = states[Site("key", l)].cpu()
         for p in range(len(batch)):
-            idx = coef[p].abs().topk(min(k, model.d_ff)).indices.tolist()
+            idx = _read_memories(coef[p], k)
             c = coef[p, idx].tolist()
             toks = _memory_tokens(model, l, idx, [1.0 if x >= 0 else -1.0 for x in c], norm, memo)
-            steps[p].append(LayerStep(l, top_before[p], top_ffn[p], top_after[p], idx, c, toks))
+            steps[p].append(LayerStep(l, top_before[p], top_ffn[p], top_after[p], float(p_final[p]), idx, c,
+                                      toks))
     ids = sorted({t for row in steps for s in row for t in (s.before, s.ffn, s.after, *s.memory_tokens)}
                  | set(final))
     return Composition(model.name, batch.prompts, chosen, norm, final, steps,

@@ -1,7 +1,7 @@
 """What text triggers a key: the corpus prefixes where a memory fires most (Geva et al. 2021, §3).
 
 For a key ``k_i`` of layer ``l``, a trigger example is a prefix ``x_1..x_j`` of the corpus whose
-coefficient ``m_i`` at its last token ``x_j`` (Geva et al. 2021, Eq. 2: ``m = f(x Kᵀ)``) is among
+coefficient ``m_i`` at its last token ``x_j`` (Geva et al. 2021, §3: ``m_i = f(x·k_i)``) is among
 the ``n`` highest. The corpus is streamed as fixed token windows (:func:`kvlens.corpus.batches`);
 a prefix runs from the start of its window (after the model's BOS/prefix ids) to the token.
 

@@ -1,7 +1,7 @@
 """What values say in vocabulary space (Geva et al. 2021, §4; Geva et al. 2022).
 
 Value ``v_i`` of layer ``l`` induces a distribution over the vocabulary (Geva et al. 2021,
-Eq. 3): ``p_i = softmax(v_i · E)``, ``E`` the output embedding (unembedding). Only the ranking
+§4): ``p_i = softmax(v_i · E)``, ``E`` the output embedding (unembedding). Only the ranking
 is meaningful, since the coefficient ``m_i`` scales the vector. Two readings, named:
 
 * ``norm="none"`` — ``v · Eᵀ``, the raw dot products with the unembedding rows (Geva et al.
@@ -110,7 +110,7 @@ def to_vocab(model: KVModel, vectors: torch.Tensor, norm: Norm = "none") -> torc
     check_norm(norm)
     E = unembedding_matrix(model)
     if norm == "none":
-        return vectors.to(E.device).float() @ E.T  # Geva et al. 2021, Eq. 3 (before the softmax)
+        return vectors.to(E.device).float() @ E.T  # v·E: Geva et al. 2021, §4, before the softmax
     if norm == "frozen":
         return frozen_norm(model)(vectors.to(E.device)) @ E.T
     logits = apply_final_norm(model, vectors) @ E.T
@@ -268,7 +268,7 @@ def find_memories(model: KVModel, token: str | int, layers: Sequence[int] | None
     """The ``k`` values (over ``layers``, all if None) whose projection most promotes ``token``.
 
     Scores every value ``v_i`` of every layer by the logit it gives ``token`` (``v_i · E[t]``
-    for ``norm="none"``; Geva et al. 2021, Eq. 3) — "which memories write ' Paris'?".
+    for ``norm="none"``; Geva et al. 2021, §4) — "which memories write ' Paris'?".
     ``token`` is a single-token string (a multi-token string raises, naming its pieces) or an id.
     ``by="zscore"`` ranks by how many standard deviations the token's logit lies above the
     value's mean logit over the vocabulary (specific values first, large generic ones later).

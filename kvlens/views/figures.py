@@ -153,10 +153,10 @@ def composition_lines(comp: Composition) -> go.Figure:
     stats = comp.stats()
     layers = [r["layer"] for r in stats]
     fig = go.Figure()
-    for key, name in (("top1_agrees", "FFN top = strongest memory's top"),
-                      ("any_agrees", "FFN top = some top memory's top"),
-                      ("final_reached", "residual already predicts the final token"),
-                      ("compromise", "FFN changed the residual to a compromise token")):
+    for key, name in (("no_memory_agreement", "FFN top differs from every memory's top (§5.1)"),
+                      ("residual_predicts_final", "residual already predicts the final token (§5.2)"),
+                      ("p_final", "mean p(final token) under the residual"),
+                      ("composition", "FFN changed the residual's top to a compromise token")):
         fig.add_trace(go.Scatter(x=layers, y=[r[key] for r in stats], mode="lines+markers", name=name))
     fig.update_layout(title=f"Layer composition over {len(comp.prompts)} prompts (Geva et al. 2021, §5)",
                       xaxis_title="layer", yaxis_title="fraction of prompts", yaxis_range=[0, 1])
