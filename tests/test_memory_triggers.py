@@ -35,10 +35,12 @@ def _coefficient(m, ids, layer, memory):
 
 
 def _brute_force(m, corpus, layer, memory, window):
+    """Each window's largest coefficient of the memory, highest first (one window at a time)."""
     values = []
     for ids in kc.token_windows(m, corpus, window=window, max_tokens=None):
         batch = kc.to_batch([ids], m.tokenizer.pad_token_id)
-        values += tracing.run(m, batch, read=[Site("key", layer)])[Site("key", layer)][0, :, memory].tolist()
+        coef = tracing.run(m, batch, read=[Site("key", layer)])[Site("key", layer)][0, :, memory]
+        values.append(float(coef.max()))
     return sorted(values, reverse=True)
 
 
@@ -56,7 +58,7 @@ def test_examples_recompute_independently_in_descending_order(m, small, tmp_cach
     examples = res[(2, 7)]
     assert len(examples) == 5
     coefs = [ex.coefficient for ex in examples]
-    assert coefs == sorted(coefs, reverse=True)
+    assert coefs == sorted(coefs, reverse=True) and len({ex.window for ex in examples}) == 5
     for ex in examples:
         assert len(ex.ids) == ex.position + 1 and ex.token == m.token_strings([ex.ids[-1]])[0]
         assert _coefficient(m, ex.ids, 2, 7) == pytest.approx(ex.coefficient, rel=1e-4, abs=1e-6)

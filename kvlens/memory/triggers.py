@@ -6,7 +6,7 @@ the ``n`` highest. The corpus is streamed as fixed token windows (:func:`kvlens.
 a prefix runs from the start of its window (after the model's BOS/prefix ids) to the token.
 
 Mining keeps, for *every* memory of each layer it reads, a running top-``n`` of
-``(coefficient, window, position)``: memory stays flat however long the corpus is, and one pass
+``(coefficient, window, position)`` over windows, each at its best position: memory stays flat however long the corpus is, and one pass
 answers "what triggers this key" for all keys of that layer. Results are cached on disk under
 ``kvlens.cache_dir()/triggers``, keyed by the model fingerprint, the prefix ids, the corpus id
 and the mining parameters; the texts are rebuilt by re-tokenizing the windows that are needed.
@@ -82,13 +82,16 @@ class _TopN:
         return cls(torch.full((n, d_ff), -torch.inf), torch.full((n, d_ff), -1), torch.full((n, d_ff), -1))
 
     def update(self, coef: torch.Tensor, valid: torch.Tensor, first_window: int) -> None:
-        """Merge ``coef`` ``[B, T, d_ff]`` at the ``valid`` ``[B, T]`` positions into the top-``n``."""
-        B, T, d_ff = coef.shape
-        flat = coef.masked_fill(~valid[..., None], -torch.inf).reshape(B * T, d_ff)
-        top = flat.topk(min(self.values.shape[0], B * T), dim=0)
+        """Merge ``coef`` ``[B, T, d_ff]`` at the ``valid`` ``[B, T]`` positions into the top-``n``.
+
+        Each window counts once per memory, at its position of largest coefficient (as Geva et
+        al. keep each sentence's maximum over positions), so one passage cannot fill the top-n.
+        """
+        peak, where = coef.masked_fill(~valid[..., None], -torch.inf).max(dim=1)  # [B, d_ff]
+        top = peak.topk(min(self.values.shape[0], peak.shape[0]), dim=0)
         values = torch.cat([self.values, top.values])
-        window = torch.cat([self.window, first_window + top.indices // T])
-        position = torch.cat([self.position, top.indices % T])
+        window = torch.cat([self.window, first_window + top.indices])
+        position = torch.cat([self.position, where.gather(0, top.indices)])
         best = values.topk(self.values.shape[0], dim=0).indices
         self.values, self.window, self.position = (values.gather(0, best), window.gather(0, best),
                                                    position.gather(0, best))
