@@ -230,7 +230,7 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
         tgt_logp, kl_logp = forward_logprobs(model, sub, write, layer=layer, cached=sub_cached)
         if kl_init is None:
             kl_init = kl_logp.detach()
-        kl_ref = kl_init[_kl_index(rows, sub_idx)]
+        kl_ref = kl_init[_kl_index(rows, sub_idx[sub.request[sub.kl_rows]])]  # in sub's KL-row order
         nll, kl = request_losses(sub, tgt_logp, kl_logp, kl_ref, opt.kl_factor)
         decay = opt.weight_decay * leaf.norm(dim=-1) / ref[sub_idx.to(dev)] ** 2
         loss = nll + kl + decay
