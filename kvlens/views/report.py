@@ -61,7 +61,8 @@ def versions() -> dict[str, str]:
 _versions = versions  # backwards-compatible private name
 
 
-def _table_html(rows: list[Mapping[str, Any]]) -> str:
+def table_html(rows: list[Mapping[str, Any]]) -> str:
+    """An HTML table of ``rows`` (columns: the union of their keys), every cell escaped."""
     if not rows:
         return "<p><em>(empty table)</em></p>"
     cols: list[str] = []
@@ -129,7 +130,7 @@ class Report:
         if s.text:
             parts.append(f"<div class='text'>{html.escape(s.text)}</div>")
         if s.table is not None:
-            parts.append(_table_html(list(s.table)))
+            parts.append(table_html(list(s.table)))
         for fig in s.all_figures():
             parts.append(fig.to_html(full_html=False, include_plotlyjs=False,
                                      config={"displaylogo": False, "responsive": True}))
