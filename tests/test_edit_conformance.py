@@ -12,11 +12,23 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import tiny
 
 import kvlens
-from conftest import tiny
-from kvlens.editing import (MEMIT, ROME, Contexts, EditRequest, FineTune, LoRA, MEMITHparams, ROMEHparams,
-                            TargetOpt, WeightDelta)
+from kvlens.editing import (
+    MEMIT,
+    ROME,
+    AlphaEdit,
+    AlphaEditHparams,
+    Contexts,
+    EditRequest,
+    FineTune,
+    LoRA,
+    MEMITHparams,
+    ROMEHparams,
+    TargetOpt,
+    WeightDelta,
+)
 from kvlens.editing._shared import build_rows
 from kvlens.editing.memit import target_vectors
 
@@ -35,6 +47,8 @@ METHODS = {
     "rome": lambda m: (ROME(ROMEHparams(layer=1, opt=OPT, contexts=CTX)), {"stats": stats(m, [1])}),
     "memit": lambda m: (MEMIT(MEMITHparams(layers=(0, 1), lam=1.0, opt=OPT, contexts=CTX, z_batch=1)),
                         {"stats": stats(m, [0, 1])}),
+    "alphaedit": lambda m: (AlphaEdit(AlphaEditHparams(layers=(0, 1), opt=OPT, contexts=CTX, nullspace_threshold=0.5,
+                                                      l2=1.0)), {"stats": stats(m, [0, 1])}),
     "ft-key": lambda m: (FineTune(role="key", layers=(1,), steps=2, lr=1e-2, norm_constraint=1e-2), {}),
     "ft-value": lambda m: (FineTune(role="value", layers=(0, 2), steps=2, lr=1e-2, kl_factor=0.1), {}),
     "ft-gate": lambda m: (FineTune(role="gate", layers=(1,), steps=2, lr=1e-2), {}),
@@ -105,7 +119,7 @@ def test_layers_outside_the_model_refused_untouched(method):
     m = tiny("llama")
     snap = snapshot(m)
     editor, extra = METHODS[method](m)
-    bad = {"rome": dict(layer=7), "memit": dict(layers=(1, 9))}.get(method, dict(layers=(5,)))
+    bad = {"rome": {"layer": 7}, "memit": {"layers": (1, 9)}}.get(method, {"layers": (5,)})
     editor = type(editor)(editor.hparams_for(m), **bad)
     with pytest.raises(IndexError, match="out of range"):
         editor.compute(m, REQS, **extra)

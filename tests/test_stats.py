@@ -6,12 +6,18 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import tiny
+
 from kvlens import tracing
 from kvlens.corpus import Corpus, batches
-from kvlens.memory.stats import (StatsCacheError, cache_path, check_moment, load_moment, resolve_moments,
-                                 second_moments)
+from kvlens.memory.stats import (
+    StatsCacheError,
+    cache_path,
+    check_moment,
+    load_moment,
+    resolve_moments,
+    second_moments,
+)
 from kvlens.models.kvmodel import Site
 
 TEXTS = [f"document {i}: the quick brown fox jumps over the lazy dog near river {i * 7}" for i in range(30)]

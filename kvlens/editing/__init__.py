@@ -7,17 +7,44 @@
     handle = delta.apply(model); delta.revert()  # bit-for-bit back
 """
 
+from kvlens.editing.alphaedit import AlphaEdit, AlphaEditHparams
 from kvlens.editing.base import EditMethod, available_methods, get_method, register_method
 from kvlens.editing.delta import AppliedEdit, Part, WeightDelta
 from kvlens.editing.finetune import FineTune, GateFT, KeyFT, ValueFT
 from kvlens.editing.history import EditHistory
-from kvlens.editing.hparams import (Contexts, FTHparams, LoRAHparams, MEMITHparams, ROMEHparams, TargetOpt)
+from kvlens.editing.hparams import Contexts, FTHparams, LoRAHparams, MEMITHparams, ROMEHparams, TargetOpt
 from kvlens.editing.lora import LoRA, LoRAGates, LoRAKeys, LoRAValues
 from kvlens.editing.memit import MEMIT
 from kvlens.editing.request import EditRequest, check_requests
 from kvlens.editing.rome import ROME
 
-__all__ = ["AppliedEdit", "Contexts", "EditHistory", "EditMethod", "EditRequest", "FTHparams", "FineTune",
-           "GateFT", "KeyFT", "LoRA", "LoRAGates", "LoRAHparams", "LoRAKeys", "LoRAValues", "MEMIT",
-           "MEMITHparams", "Part", "ROME", "ROMEHparams", "TargetOpt", "ValueFT", "WeightDelta",
-           "available_methods", "check_requests", "get_method", "register_method"]
+__all__ = [
+    "MEMIT",
+    "ROME",
+    "AlphaEdit",
+    "AlphaEditHparams",
+    "AppliedEdit",
+    "Contexts",
+    "EditHistory",
+    "EditMethod",
+    "EditRequest",
+    "FTHparams",
+    "FineTune",
+    "GateFT",
+    "KeyFT",
+    "LoRA",
+    "LoRAGates",
+    "LoRAHparams",
+    "LoRAKeys",
+    "LoRAValues",
+    "MEMITHparams",
+    "Part",
+    "ROMEHparams",
+    "TargetOpt",
+    "ValueFT",
+    "WeightDelta",
+    "available_methods",
+    "check_requests",
+    "get_method",
+    "register_method",
+]

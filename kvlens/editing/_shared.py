@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -81,7 +82,7 @@ class Rows:
     def kl_rows(self) -> torch.Tensor:
         return (self.context < 0).nonzero().flatten()
 
-    def select(self, requests: Sequence[int] | torch.Tensor, *, clean: bool = False) -> "Rows":
+    def select(self, requests: Sequence[int] | torch.Tensor, *, clean: bool = False) -> Rows:
         """The rows of ``requests`` (renumbered 0..), optionally only their clean prompts."""
         req = torch.as_tensor(requests, dtype=torch.long)
         remap = torch.full((self.n_requests,), -1, dtype=torch.long)

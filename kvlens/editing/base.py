@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from functools import reduce
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from kvlens.editing._shared import outcome, target_report
 from kvlens.editing.delta import WeightDelta

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ def _part_fingerprint(model: KVModel, key: PartKey) -> str:
 class AppliedEdit:
     """The handle :meth:`WeightDelta.apply` returns: ``revert()`` restores the weights bitwise."""
 
-    def __init__(self, delta: "WeightDelta", model: KVModel,
+    def __init__(self, delta: WeightDelta, model: KVModel,
                  originals: dict[PartKey, torch.Tensor], written: dict[PartKey, torch.Tensor]) -> None:
         self.delta, self.model = delta, model
         self._originals, self._written = originals, written
@@ -120,7 +121,7 @@ class WeightDelta:
         self._handles: dict[int, AppliedEdit] = {}
 
     @classmethod
-    def from_model(cls, model: KVModel, parts: Mapping[PartKey, Part], **kwargs: Any) -> "WeightDelta":
+    def from_model(cls, model: KVModel, parts: Mapping[PartKey, Part], **kwargs: Any) -> WeightDelta:
         """A delta whose fingerprints are taken from ``model``'s current weights."""
         base = {key: _part_fingerprint(model, key) for key in parts}
         return cls(parts, base=base, model_name=model.name, **kwargs)
@@ -252,7 +253,7 @@ class WeightDelta:
         return writes
 
     # ---- algebra -------------------------------------------------------------------------
-    def compose(self, other: "WeightDelta") -> "WeightDelta":
+    def compose(self, other: WeightDelta) -> WeightDelta:
         """One delta doing ``self`` then ``other``: parts added (low-rank factors concatenated).
 
         Fingerprints of shared weights are ``self``'s (the composed delta applies to the weights
@@ -289,7 +290,7 @@ class WeightDelta:
         save_delta(self, path)
 
     @classmethod
-    def load(cls, path: str, model: KVModel | None = None) -> "WeightDelta":
+    def load(cls, path: str, model: KVModel | None = None) -> WeightDelta:
         """Read a delta saved by :meth:`save`; with ``model``, refuse it unless its weights match."""
         from kvlens.editing.files import load_delta
 

@@ -17,7 +17,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -80,6 +81,11 @@ class MEMIT(EditMethod):
         if any(l < 0 for l in hp.layers):
             raise ValueError(f"MEMIT layers must be given as non-negative indices, got {hp.layers}")
 
+    def layer_update(self, layer: int, C: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor,
+                     hp: MEMITHparams) -> Part:
+        """The change of V at ``layer`` for these keys and residuals (MEMIT: Eq. 14)."""
+        return layer_update(C, keys, resid, hp.lam)
+
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams, *,
                  stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
                  sequential_batch: int | None = None, **_: Any) -> WeightDelta:
@@ -105,7 +111,7 @@ class MEMIT(EditMethod):
             else:
                 keys, h_now = subject_states(model, rows, [key])[key], h
             resid = (z - h_now) / (len(hp.layers) - i)  # Eq. 20
-            parts[(layer, "value")] = layer_update(moments[layer], keys, resid, hp.lam)
+            parts[(layer, "value")] = self.layer_update(layer, moments[layer], keys, resid, hp)
         info = {"contexts": list(templates), "opt": log, "z": z, "delta_norms": (z - h).norm(dim=-1).tolist()}
         return WeightDelta.from_model(model, parts, method=self.name, hparams=hp.to_dict(),
                                       requests=requests, info=info)

@@ -7,8 +7,9 @@ into that template (its first occurrence of the subject becomes ``{}``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from kvlens.prompts import check_template, fill
 
@@ -79,7 +80,7 @@ class EditRequest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
+    def from_dict(cls, d: dict[str, Any]) -> EditRequest:
         """From a dict with our field names or a CounterFact ``requested_rewrite`` record."""
         if "requested_rewrite" in d:
             d = d["requested_rewrite"]

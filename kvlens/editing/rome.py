@@ -17,7 +17,8 @@ mismatch causes disabling edits and collapse under sequential editing. ``key_fix
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
