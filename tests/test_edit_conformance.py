@@ -15,6 +15,7 @@ import torch
 from conftest import tiny
 
 import kvlens
+import kvlens.editing
 from kvlens.editing import (
     MEMIT,
     ROME,
@@ -174,3 +175,28 @@ def test_sequential_requests_record_norm_history():
     assert d.parts[(1, "value")].rank == 2
     hist = d.info["norm_history"]
     assert [r["step"] for r in hist] == [0.0, 1.0, 2.0] and all("1.value" in r for r in hist)
+
+
+def test_memit_sequential_batches_compose_and_record_norms():
+    m = tiny("gpt2")
+    snap = snapshot(m)
+    editor, extra = METHODS["memit"](m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = editor.compute(m, REQS, sequential_batch=1, **extra)
+    assert not changed(m, snap)
+    assert {k: p.rank for k, p in d.parts.items()} == {(0, "value"): 2, (1, "value"): 2}
+    assert len(d.info["chunks"]) == 2 and [r["step"] for r in d.info["norm_history"]] == [0.0, 1.0, 2.0]
+
+
+def test_registry_and_presets():
+    assert {"rome", "memit", "alphaedit", "ft", "lora"} <= set(kvlens.editing.available_methods())
+    assert kvlens.editing.get_method("rome") is ROME
+    with pytest.raises(KeyError, match="available"):
+        kvlens.editing.get_method("nope")
+    assert ROME(preset="gpt2-xl").hparams_for(tiny("gpt2")).layer == 17
+    assert MEMIT(preset="gpt-j-6b").hparams_for(tiny("gpt2")).lam == 15_000.0
+    with pytest.raises(KeyError, match="presets"):
+        ROME(preset="nope")
+    with pytest.raises(ValueError, match="role"):
+        FineTune(role="query").hparams_for(tiny("gpt2"))
