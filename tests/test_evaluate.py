@@ -118,3 +118,18 @@ def test_delta_moves_efficacy_on_embedded(embedded):
     report = evaluate(embedded, [case], delta, tests=["rewrite"])
     assert report.metric("EM", "after").mean > report.metric("EM", "before").mean
     assert report.metric("ES", "before").mean == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:low-sample statistics")
+def test_rome_edit_raises_efficacy_on_its_request(embedded):
+    """After a ROME edit (5k-token statistics, cached), ES and EM rise on the edited request."""
+    from kvlens.editing import ROME
+    from kvlens.experiments import requests_of
+
+    case = next(c for c in load_bundled() if c.subject == "The Eiffel Tower")
+    delta = ROME(stats_tokens=5000).compute(embedded, requests_of([case]), report=False)
+    report = evaluate(embedded, [case], delta, tests=["rewrite"])
+    assert report.metric("ES", "before").mean == 0.0
+    assert report.metric("ES", "after").mean == 100.0, report.summary()
+    assert report.metric("EM", "after").mean > report.metric("EM", "before").mean + 20
+    assert report.method == "rome"
