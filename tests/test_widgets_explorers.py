@@ -45,3 +45,35 @@ def test_memory_browser_mines_trigger_examples(model, tmp_cache):
     app.find_triggers()
     assert app.error_text == "" and app.triggers_fig.data[0].type == "table"
     assert f"L0.m{app.memory.value}" in app.triggers_fig.layout.title.text
+
+
+def test_trace_explorer_draws_heatmaps_and_cell_detail(model):
+    from kvlens.views.explorers import TraceExplorer
+
+    app = TraceExplorer(model, "{} went to", "Bob", kind="all", mode="approx")
+    assert app.error_text == "" and app.result is not None and app.result.estimate
+    assert [t.type for t in app.heatmap.data] == ["heatmap"] * 3
+    token, layer = app.result.peak("hidden")
+    assert f"token {token}" in app.detail.value and f"layer {layer}" in app.detail.value
+    app.select_cell(1, 2)
+    hidden_line = app.detail_fig.data[0]
+    assert list(hidden_line.y) == pytest.approx(app.result.effect("hidden")[1].tolist())
+    app.heatmap.data[0]._dispatch_on_click(_points(app.heatmap.data[0], layer=0, label=app.heatmap.data[0].y[2]), None)
+    assert "token 2" in app.detail.value and "layer 0" in app.detail.value
+    app.select_cell(99, 0)
+    assert "outside the trace" in app.error_text
+
+
+def test_trace_explorer_reports_bad_subject_inline(model):
+    from kvlens.views.explorers import TraceExplorer
+
+    app = TraceExplorer(model, "{} went to", "Bob", kind="hidden", run=False)
+    app.subject.value = ""
+    app.run()
+    assert "empty subject" in app.error_text and app.result is None
+
+
+def _points(trace, layer: int, label: str):
+    from plotly.callbacks import Points
+
+    return Points(point_inds=[[0, layer]], xs=[layer], ys=[label], trace_name=trace.name, trace_index=0)

@@ -11,17 +11,21 @@ and along the tokens at its layer, for every traced kind.
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from kvlens.causal.trace import CausalTrace, trace
 
 from kvlens.corpus import Corpus
 from kvlens.memory.activations import KeyActivations, keys
 from kvlens.memory.triggers import trigger_examples
 from kvlens.memory.vocab import values
 from kvlens.models.kvmodel import KVModel
-from kvlens.views import figures
+from kvlens.views import figures, trace_figures
 from kvlens.views.widgets import App, figure_widget, show_figure
 
 
@@ -105,3 +109,88 @@ class MemoryBrowser(App):
                                      progress=False)
             show_figure(self.triggers_fig, figures.trigger_table(found, pair))
         self.guard(run, "mining trigger examples")
+
+
+def cell_detail(tr: CausalTrace, token: int, layer: int) -> go.Figure:
+    """One trace cell in context: every kind's effect along the layers at ``token`` (left) and
+    along the tokens at ``layer`` (right)."""
+    if not (0 <= token < len(tr.tokens) and 0 <= layer < tr.n_layers):
+        raise IndexError(f"cell ({token}, {layer}) is outside the trace ({len(tr.tokens)} tokens x {tr.n_layers} layers)")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"at token {token}: {tr.tokens[token]!r}", f"at layer {layer}"])
+    for kind in tr.kinds:
+        effect = tr.effect(kind)
+        color = _KIND_COLORS[kind]
+        fig.add_trace(go.Scatter(x=list(range(tr.n_layers)), y=effect[token].tolist(), name=kind, mode="lines+markers",
+                                 line=dict(color=color), legendgroup=kind), row=1, col=1)
+        fig.add_trace(go.Bar(x=[f"{i}:{t!r}" for i, t in enumerate(tr.tokens)], y=effect[:, layer].tolist(),
+                             name=kind, marker_color=color, legendgroup=kind, showlegend=False), row=1, col=2)
+    fig.add_vline(x=layer, line_dash="dot", row=1, col=1)
+    fig.update_layout(title=f"Cell (token {token}, layer {layer}): indirect effect on p({tr.target.strip()!r})"
+                            + (" — estimate" if tr.estimate else ""), height=340, barmode="group")
+    fig.update_yaxes(title_text="indirect effect", row=1, col=1)
+    return fig
+
+
+_KIND_COLORS = {"hidden": "#6a3d9a", "mlp": "#33a02c", "attn": "#e31a1c"}
+
+
+class TraceExplorer(App):
+    """Causal tracing with controls: prompt / subject / target / kind / mode -> heatmaps.
+
+    Clicking a heatmap cell (or :meth:`select_cell`) shows that cell's detail. *Trace* runs on
+    the button (an exact trace takes minutes on a CPU; the estimate takes seconds).
+    """
+
+    def __init__(self, model: KVModel, prompt: str = "{} is located in the city of",
+                 subject: str = "The Eiffel Tower", target: str = "", *, kind: str = "all",
+                 mode: str = "approx", samples: int = 10, run: bool = True) -> None:
+        self.model = model
+        self.result: CausalTrace | None = None
+        self.prompt = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="50%"))
+        self.subject = widgets.Text(value=subject, description="subject")
+        self.target = widgets.Text(value=target, description="target", placeholder="(model's top-1)")
+        self.kind = widgets.Dropdown(options=["all", "hidden", "mlp", "attn"], value=kind, description="kind")
+        self.mode = widgets.Dropdown(options=["approx", "exact"], value=mode, description="mode")
+        self.samples = widgets.BoundedIntText(value=samples, min=1, max=100, description="samples")
+        self.window = widgets.BoundedIntText(value=min(10, model.n_layers), min=1, max=model.n_layers,
+                                             description="window")
+        self.run_button = widgets.Button(description="Trace", button_style="primary")
+        self.heatmap, self.detail_fig = figure_widget(height=420), figure_widget(height=340)
+        self.detail = widgets.HTML()
+        super().__init__([widgets.HBox([self.prompt, self.subject, self.target]),
+                          widgets.HBox([self.kind, self.mode, self.samples, self.window, self.run_button]),
+                          self.heatmap, self.detail, self.detail_fig])
+        self.run_button.on_click(lambda _: self.run())
+        if run:
+            self.run()
+
+    def run(self) -> None:
+        """Trace with the current controls and draw the heatmaps."""
+        def go_trace() -> None:
+            self.result = trace(self.model, self.prompt.value, self.subject.value, self.target.value or None,
+                                kind=self.kind.value, mode=self.mode.value, samples=self.samples.value,
+                                window=self.window.value, progress=False)
+            fig = trace_figures.trace_heatmaps(self.result) if len(self.result.kinds) > 1 \
+                else trace_figures.trace_heatmap(self.result)
+            show_figure(self.heatmap, fig)
+            for heat in self.heatmap.data:
+                heat.on_click(self._clicked)
+            self.select_cell(*self.result.peak(self.result.kinds[0]))
+        self.guard(go_trace, f"tracing ({self.mode.value})")
+
+    def _clicked(self, _trace: Any, points: Any, _state: Any) -> None:
+        if points.xs:
+            self.select_cell(int(str(points.ys[0]).split(":")[0]), int(points.xs[0]))
+
+    def select_cell(self, token: int, layer: int) -> None:
+        """Show the detail of cell (``token``, ``layer``)."""
+        def show() -> None:
+            if self.result is None:
+                raise ValueError("no trace yet: press Trace")
+            tr = self.result
+            show_figure(self.detail_fig, cell_detail(tr, token, layer))
+            cells = ", ".join(f"{k}: p={float(tr.scores[k][token, layer]):.3f} (IE {float(tr.effect(k)[token, layer]):+.3f})"
+                              for k in tr.kinds)
+            self.detail.value = (f"<b>token {token} {html.escape(repr(tr.tokens[token]))}, layer {layer}</b>: "
+                                 f"{html.escape(cells)}")
+        self.guard(show, f"cell ({token}, {layer})")
