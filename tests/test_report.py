@@ -85,3 +85,46 @@ def test_memory_results_render_with_their_parameters(embedded):
     assert [row["memory"] for row in r.sections[1].table] == [f.memory for f in found.found]
     assert f"{iv.after.top!r}" in r.sections[3].text and r.sections[3].table[0]["after"] == iv.after.tokens[0]
     assert r.to_html().count("Plotly.newPlot") == 6
+
+
+def test_edit_results_render(tmp_path):
+    import warnings
+
+    from kvlens.datasets import EvalCase
+    from kvlens.editing import EditHistory, ValueFT
+    from kvlens.editing.request import EditRequest
+    from kvlens.evaluate import evaluate
+
+    model = tiny("llama")
+    case = EvalCase(0, "{} lives in", "Bob", " Rome", " Oslo", paraphrase_prompts=("Bob resides in",),
+                    neighborhood_prompts=("Carol lives in",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        delta = ValueFT(layers=(1,), lr=0.05, steps=5, norm_constraint=None).compute(
+            model, [EditRequest(case.prompt, case.subject, case.target_new, case.target_true)])
+    scores = evaluate(model, [case], delta, method="FT values")
+    history = EditHistory(model)
+    history.push(delta)
+    history.undo()
+    r = Report("edits").add(delta, scores, history)
+    titles = [s.title for s in r.sections]
+    assert titles == ["Edit: ft", "Edit: ft, target probability on each edited prompt", "Edit: ft, optimisation",
+                      "Evaluation: FT values", "Sequential edits: weight norms"]
+    assert r.sections[0].table == [{"layer": 1, "role": "value", "rank": "dense", "norm": delta.parts[(1, "value")].norm()}]
+    assert r.sections[0].params["fingerprints"] == {"1.value": delta.base[(1, "value")]}
+    assert {row["metric"] for row in r.sections[3].table} >= {"ES", "PS", "NS"}
+    assert len(r.sections[4].table) == 3  # norms before, after the push, after the undo
+    page = r.save(tmp_path / "edits.html").read_text()
+    assert page.count("Plotly.newPlot") == 4 and "&quot;1.value&quot;" in page
+
+
+def test_causal_trace_renders_with_its_parameters():
+    from kvlens.causal import trace
+
+    tr = trace(tiny("llama"), "{} went to", "Bob", kind="all", mode="approx", window=2, progress=False)
+    (section,) = Report("t").add(tr).sections
+    assert section.title == "Locate: causal trace of 'Bob'" and "estimate" in section.text
+    assert section.params["mode"] == "approx" and section.params["kinds"] == ["hidden", "mlp", "attn"]
+    assert [row["kind"] for row in section.table] == ["hidden", "mlp", "attn"]
+    token, layer = tr.peak("mlp")
+    assert section.table[1]["layer"] == layer and section.table[1]["indirect effect"] == float(tr.effect("mlp")[token, layer])

@@ -75,6 +75,16 @@ def table_html(rows: list[Mapping[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def plain(value: Any) -> Any:
+    """``value`` with every mapping key turned into a string (tuples of layer/role...), for JSON."""
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str) else ".".join(map(str, k)) if isinstance(k, tuple) else str(k): plain(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -135,7 +145,7 @@ class Report:
             parts.append(fig.to_html(full_html=False, include_plotlyjs=False,
                                      config={"displaylogo": False, "responsive": True}))
         if s.params:
-            dump = json.dumps(dict(s.params), indent=1, default=str)
+            dump = json.dumps(plain(dict(s.params)), indent=1, default=str)
             parts.append(f"<details><summary>parameters</summary><pre>{html.escape(dump)}</pre></details>")
         parts.append("</section>")
         return "".join(parts)
