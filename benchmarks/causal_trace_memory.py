@@ -27,27 +27,32 @@ def main() -> None:
     ap.add_argument("--traces", type=int, default=100)
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--kind", default="hidden")
+    ap.add_argument("--prompt", default="{} is located in the city of")
+    ap.add_argument("--subject", default="The Eiffel Tower")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     proc = psutil.Process()
     model = kvlens.load()
     mib = lambda: round(proc.memory_info().rss / 2**20, 1)  # noqa: E731
     rss, t0 = [mib()], time.perf_counter()
-    for i in range(args.traces):
-        trace(model, "{} is located in the city of", "The Eiffel Tower", kind=args.kind,
-              samples=args.samples, seed=i, progress=False)
-        rss.append(mib())
-        if (i + 1) % 10 == 0:
-            print(f"{i + 1} traces: {rss[-1]} MiB", flush=True)
-    after_first = rss[1]
-    result = dict(model=model.name, traces=args.traces, kind=args.kind, samples=args.samples,
-                  seconds=round(time.perf_counter() - t0, 1), rss_mib_before=rss[0], rss_mib_after_first=after_first,
-                  rss_mib_after_10=rss[min(10, args.traces)], rss_mib_after_last=rss[-1],
-                  growth_after_first_mib=round(rss[-1] - after_first, 1),
-                  growth_last_half_mib=round(rss[-1] - rss[len(rss) // 2], 1), rss_mib=rss)
-    print(json.dumps({k: v for k, v in result.items() if k != "rss_mib"}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for i in range(args.traces):
+        trace(model, args.prompt, args.subject, kind=args.kind, samples=args.samples, seed=i, progress=False)
+        rss.append(mib())
+        if (i + 1) % 10 == 0 or i + 1 == args.traces:
+            result = summary(model.name, args, rss, time.perf_counter() - t0)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"{i + 1} traces: {rss[-1]} MiB", flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "rss_mib"}, indent=1))
+
+
+def summary(name: str, args: argparse.Namespace, rss: list[float], seconds: float) -> dict:
+    """RSS figures after ``len(rss) - 1`` traces (rss[0] is before the first)."""
+    return dict(model=name, traces_done=len(rss) - 1, traces_planned=args.traces, kind=args.kind,
+                samples=args.samples, prompt=args.prompt, seconds=round(seconds, 1), rss_mib_before=rss[0],
+                rss_mib_after_first=rss[1], rss_mib_after_10=rss[min(10, len(rss) - 1)], rss_mib_after_last=rss[-1],
+                growth_after_first_mib=round(rss[-1] - rss[1], 1),
+                growth_last_half_mib=round(rss[-1] - rss[len(rss) // 2], 1), rss_mib=rss)
 
 
 if __name__ == "__main__":

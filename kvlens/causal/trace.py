@@ -2,8 +2,8 @@
 
 For every token ``t`` of the prompt and layer ``l`` the trace restores the clean state at
 (l, t) inside the corrupted run and measures ``p(target)``. The *indirect effect* of the cell is
-``IE(l, t) = p_restored(l, t) − p_corrupted`` (ROME Eq. for the IE; ``p_clean − p_corrupted`` is
-the total effect). ``mode="exact"`` gives the numbers of ROME's one-forward-per-cell procedure
+``IE(l, t) = p_restored(l, t) − p_corrupted`` (ROME §2.1; ``p_clean − p_corrupted`` is the total
+effect). ``mode="exact"`` gives the numbers of ROME's one-forward-per-cell procedure
 (:func:`kvlens.causal.cells.plain_scores`) while recomputing only what a cell can change;
 ``mode="plain"`` runs that reference procedure itself (through nnsight, so ``remote=True`` can
 send it to NDIF); ``mode="approx"`` is a linear *estimate* (attribution patching).
