@@ -7,6 +7,7 @@ as a test artifact (in pytest's tmp dir and in ``out/test-artifacts/``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,11 +57,15 @@ def open_page(browser: Any, path: Path) -> tuple[Any, list[str], list[str]]:
     return page, errors, requests
 
 
-def rendered_figures(page: Any) -> tuple[int, int]:
-    """(plotly figures on the page, those that drew an SVG), after waiting for them to draw."""
-    page.wait_for_function("""() => [...document.querySelectorAll('.plotly-graph-div')]
-                                   .every(d => d.querySelector('svg.main-svg'))""", timeout=30_000)
-    return page.evaluate("""() => { const d = [...document.querySelectorAll('.plotly-graph-div')];
+def rendered_figures(page: Any, expected: int) -> tuple[int, int]:
+    """(plotly figures on the page, those that drew an SVG), after waiting for ``expected`` to draw.
+
+    Static figures are ``.plotly-graph-div``; widget figures get ``.js-plotly-plot`` once drawn.
+    """
+    count = """() => [...document.querySelectorAll('.plotly-graph-div, .js-plotly-plot')]
+                    .filter(d => d.querySelector('svg.main-svg')).length"""
+    page.wait_for_function(f"() => ({count})() >= {expected}", timeout=30_000)
+    return page.evaluate("""() => { const d = [...new Set(document.querySelectorAll('.plotly-graph-div, .js-plotly-plot'))];
                                    return [d.length, d.filter(x => x.querySelector('svg.main-svg')).length]; }""")
 
 
@@ -73,7 +78,7 @@ def test_saved_report_renders_offline_and_escapes_script(browser, tmp_path):
     path = report.save(tmp_path / "report.html")
 
     page, errors, requests = open_page(browser, path)
-    total, drawn = rendered_figures(page)
+    total, drawn = rendered_figures(page, 2)
     assert total == 2 and drawn == total
     assert page.evaluate("() => window.__pwned === undefined")
     assert EVIL in page.inner_text("body")  # shown as text, not run
@@ -85,4 +90,35 @@ def test_saved_report_renders_offline_and_escapes_script(browser, tmp_path):
     assert shot.stat().st_size > 10_000
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "report.png")
+    page.close()
+
+
+WIDGET_JS = Path(os.environ.get("KVLENS_WIDGET_JS", ARTIFACTS.parent / "widget-js"))
+
+
+def test_exported_notebook_with_widget_state_renders_offline(browser, tmp_path):
+    from kvlens.views.export import export_notebook, node_modules
+
+    try:
+        node_modules(WIDGET_JS)
+    except FileNotFoundError as exc:
+        pytest.skip(f"no widget JavaScript: {exc} (.ci/install-browser installs it)")
+    nbformat = pytest.importorskip("nbformat")
+    cells = ["from kvlens.views.widgets import App, figure_widget, notebook_mode\nnotebook_mode()\n"
+             "import plotly.graph_objects as go\ngo.Figure(go.Bar(y=[1, 3, 2]))",
+             "fw = figure_widget(go.Figure(go.Scatter(y=[2, 1, 3])))\napp = App([fw])\n"
+             "app.guard(lambda: 1 / 0, 'dividing')\napp"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "widgets.ipynb")
+    path = export_notebook(tmp_path / "widgets.ipynb", tmp_path / "widgets.html", js_dir=WIDGET_JS, execute=True)
+
+    page, errors, requests = open_page(browser, path)
+    page.wait_for_selector(".widget-html-content", timeout=30_000)
+    total, drawn = rendered_figures(page, 2)
+    assert total == 2 and drawn == 2  # the static figure and the FigureWidget
+    assert "ZeroDivisionError: division by zero" in page.inner_text("body")
+    assert errors == [] and all(u.startswith(("file:", "blob:", "data:")) for u in requests), requests
+    page.screenshot(path=str(tmp_path / "widgets.png"), full_page=True)
+    shutil.copy(tmp_path / "widgets.png", ARTIFACTS / "exported-notebook.png")
     page.close()
