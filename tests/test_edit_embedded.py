@@ -1,4 +1,4 @@
-"""Edits on the real embedded model: Eiffel Tower -> Rome by ROME, MEMIT, key-FT, value-FT, LoRA.
+"""Edits on the real embedded model: Eiffel Tower -> Rome by ROME, MEMIT, AlphaEdit, key/value FT, LoRA.
 
 Each edit makes " Rome" top-1 on the prompt, raises it on a paraphrase, keeps "The capital of
 France is" -> " Paris", and ``revert()`` gives the model back bit for bit. Statistics come from a
@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from kvlens.editing import MEMIT, ROME, EditRequest, KeyFT, LoRAKeys, ValueFT, WeightDelta
+from kvlens.editing import MEMIT, ROME, AlphaEdit, EditRequest, KeyFT, LoRAKeys, ValueFT, WeightDelta
 from kvlens.editing._shared import target_report
 from kvlens.memory.stats import second_moments
 
@@ -41,6 +41,7 @@ def unchanged(model, weights) -> bool:
 EDITORS = {
     "rome": (lambda: ROME(), True),
     "memit": (lambda: MEMIT(), True),
+    "alphaedit": (lambda: AlphaEdit(), True),
     "key-ft": (lambda: KeyFT(), False),
     "value-ft": (lambda: ValueFT(), False),
     "lora-keys": (lambda: LoRAKeys(), False),
