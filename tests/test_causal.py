@@ -225,3 +225,13 @@ def test_no_warning_for_a_predicted_target():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trace(model, PROMPT, SUBJECT, noise=1.0, samples=1, progress=False)
+
+
+def test_post_processed_logits_are_traced_consistently_before_post_processing():
+    model = sharp("gemma2")  # Gemma 2 soft-caps its logits after the unembedding
+    with pytest.warns(UserWarning, match="post-processes its logits"):
+        exact = trace(model, PROMPT, SUBJECT, noise=1.0, samples=2, progress=False)
+    with pytest.warns(UserWarning, match="post-processes its logits"):
+        plain = trace(model, PROMPT, SUBJECT, noise=1.0, samples=2, mode="plain", progress=False)
+    assert (exact.scores["hidden"] - plain.scores["hidden"]).abs().max() < 1e-14
+    assert exact.scores["hidden"][-1, -1] == pytest.approx(exact.high, abs=1e-12)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kvlens.causal.resume import Patch, Rows, check_head, resume
+from kvlens.causal.resume import Patch, Rows, resume
 from kvlens.causal.setup import Setup, log_probs, target_prob
 from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.tracing import replace_at, run, with_trace_options
@@ -165,7 +165,6 @@ def rows_per_chunk(model: KVModel, setup: Setup, memory: int | None) -> int:
 def exact_scores(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int,
                  memory: int | None = None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """``p(target)`` per cell, exactly as :func:`plain_scores`, from the cached corrupted run."""
-    check_head(model, setup.corrupt)
     scores = torch.empty(len(cells), dtype=torch.float64)
     per_chunk = max(1, rows_per_chunk(model, setup, memory) // setup.samples)
     by_token: dict[int, list[int]] = {}

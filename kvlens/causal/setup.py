@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from kvlens.causal.resume import RunStates, full_run
+from kvlens.causal.resume import RunStates, check_head, full_run, head_logits
 from kvlens.models.kvmodel import KVModel
 from kvlens.prompts import SubjectSpan, subject_span
 
@@ -166,8 +166,10 @@ def prepare(model: KVModel, prompt: str, subject: str, target: str | int | Seque
         emb[:, span.start:span.end] += eps
         corrupt = full_run(model, emb)
     positions = list(range(n_prompt - 1, n_prompt - 1 + len(tgt)))
-    high = float(target_prob(log_probs(clean.logits[:, positions]), tgt)[0])
-    low = float(target_prob(log_probs(corrupt.logits[:, positions]), tgt).mean())
+    check_head(model, clean)
+    with torch.no_grad():  # p from the unembedding output, as every cell measures it
+        high = float(target_prob(log_probs(head_logits(model, clean.resid[-1][:, positions])), tgt)[0])
+        low = float(target_prob(log_probs(head_logits(model, corrupt.resid[-1][:, positions])), tgt).mean())
     if high < LOW_CLEAN_PROBABILITY:
         words = model.tokenizer.decode(tgt)
         warnings.warn(f"the clean run gives the target {words!r} probability {high:.2g}: the model does not "
