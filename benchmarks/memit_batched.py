@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, default=2)
     ap.add_argument("--z-batch", type=int, default=32)
     ap.add_argument("--stats-tokens", type=int, default=20_000)
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     model = kvlens.load()
@@ -88,7 +89,7 @@ def main() -> None:
         "paraphrase_top1_after": sum(r["target_is_top1"] for r in para_after) / max(1, len(para)),
         "norms": delta.norms(),
     }
-    out = Path(__file__).parent / "results" / f"memit_{len(reqs)}.json"
+    out = Path(__file__).parent / "results" / f"memit_{len(reqs)}{args.tag}.json"
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
