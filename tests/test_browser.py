@@ -122,3 +122,24 @@ def test_exported_notebook_with_widget_state_renders_offline(browser, tmp_path):
     page.screenshot(path=str(tmp_path / "widgets.png"), full_page=True)
     shutil.copy(tmp_path / "widgets.png", ARTIFACTS / "exported-notebook.png")
     page.close()
+
+
+def test_tour_report_renders_offline(browser, embedded, tmp_path):
+    """The README's main-job report (locate, inspect, a key-side and a value-side edit with metrics)."""
+    from kvlens.editing import KeyFT, ValueFT
+    from kvlens.views.tour import tour
+
+    quick = {"fine-tune values (3 steps)": lambda: ValueFT(steps=3), "fine-tune keys (3 steps)": lambda: KeyFT(steps=3)}
+    report = tour(embedded, methods=quick)
+    titles = [s.title for s in report.sections]
+    assert "Locate: causal trace of 'The Eiffel Tower'" in titles and "Edit: keys vs values compared" in titles
+    assert titles.count("Evaluation: fine-tune keys (3 steps)") == 1
+    path = report.save(tmp_path / "tour.html")
+    page, errors, requests = open_page(browser, path)
+    expected = sum(len(s.all_figures()) for s in report.sections)
+    total, drawn = rendered_figures(page, expected)
+    assert total == drawn == expected and errors == [] and requests == [path.as_uri()]
+    page.screenshot(path=str(tmp_path / "tour.png"), full_page=True)
+    shutil.copy(tmp_path / "tour.png", ARTIFACTS / "tour.png")
+    print(f"tour report: {path.stat().st_size / 1e6:.1f} MB, {len(report.sections)} sections, {expected} figures")
+    page.close()

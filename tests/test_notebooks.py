@@ -50,7 +50,7 @@ def test_notebook_is_stripped_and_imports_only_kvlens(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600, store_widget_state=True,
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=1800, store_widget_state=True,
                                      resources={"metadata": {"path": str(tmp_path)}})
     start = time.perf_counter()
     client.execute()  # raises CellExecutionError on the first failing cell
