@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from kvlens.models.loading import load
 from kvlens.views.tour import DEFAULT_CASE, DEFAULT_PROMPT, prediction_section, tour

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import plotly.graph_objects as go
 import pytest
@@ -104,10 +105,10 @@ def test_exported_notebook_with_widget_state_renders_offline(browser, tmp_path):
     except FileNotFoundError as exc:
         pytest.skip(f"no widget JavaScript: {exc} (.ci/install-browser installs it)")
     nbformat = pytest.importorskip("nbformat")
-    cells = ["from kvlens.views.widgets import App, figure_widget, notebook_mode\nnotebook_mode()\n"
-             "import plotly.graph_objects as go\ngo.Figure(go.Bar(y=[1, 3, 2]))",
-             "fw = figure_widget(go.Figure(go.Scatter(y=[2, 1, 3])))\napp = App([fw])\n"
-             "app.guard(lambda: 1 / 0, 'dividing')\napp"]
+    cells = [("from kvlens.views.widgets import App, figure_widget, notebook_mode\nnotebook_mode()\n"
+              "import plotly.graph_objects as go\ngo.Figure(go.Bar(y=[1, 3, 2]))"),
+             ("fw = figure_widget(go.Figure(go.Scatter(y=[2, 1, 3])))\napp = App([fw])\n"
+              "app.guard(lambda: 1 / 0, 'dividing')\napp")]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "widgets.ipynb")
@@ -126,14 +127,14 @@ def test_exported_notebook_with_widget_state_renders_offline(browser, tmp_path):
 
 def test_tour_report_renders_offline(browser, embedded, tmp_path):
     """The README's main-job report (locate, inspect, a key-side and a value-side edit with metrics)."""
-    from kvlens.editing import KeyFT, ValueFT
+    from kvlens.editing import KeyFT
     from kvlens.views.tour import tour
 
-    quick = {"fine-tune values (3 steps)": lambda: ValueFT(steps=3), "fine-tune keys (3 steps)": lambda: KeyFT(steps=3)}
+    quick = {"fine-tune keys (2 steps)": lambda: KeyFT(steps=2)}  # test_cli runs the full tour
     report = tour(embedded, methods=quick)
     titles = [s.title for s in report.sections]
     assert "Locate: causal trace of 'The Eiffel Tower'" in titles and "Edit: keys vs values compared" in titles
-    assert titles.count("Evaluation: fine-tune keys (3 steps)") == 1
+    assert titles.count("Evaluation: fine-tune keys (2 steps)") == 1
     path = report.save(tmp_path / "tour.html")
     page, errors, requests = open_page(browser, path)
     expected = sum(len(s.all_figures()) for s in report.sections)

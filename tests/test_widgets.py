@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 import plotly.io as pio
-import pytest
 
 from kvlens.views import widgets as kw
 

@@ -19,7 +19,6 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from kvlens.causal.trace import CausalTrace, trace
-
 from kvlens.corpus import Corpus
 from kvlens.memory.activations import KeyActivations, keys
 from kvlens.memory.triggers import trigger_examples

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import plotly.graph_objects as go
 

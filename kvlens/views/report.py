@@ -13,9 +13,10 @@ import html
 import json
 import platform
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import plotly.graph_objects as go
 import plotly.offline
@@ -112,7 +113,7 @@ class Report:
         self.title = str(title)
         self.sections: list[Section] = []
 
-    def add(self, *results: Any, params: Mapping[str, Any] | None = None) -> "Report":
+    def add(self, *results: Any, params: Mapping[str, Any] | None = None) -> Report:
         """Append results or sections (returns self, for chaining).
 
         Args:

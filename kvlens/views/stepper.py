@@ -13,14 +13,15 @@ the steps; and on demand a re-trace of the fact as a difference heatmap.
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import ipywidgets as widgets
 
 from kvlens.causal.trace import trace
 from kvlens.datasets import EvalCase, as_cases, load_bundled
-from kvlens.editing import KeyFT, LoRAKeys, LoRAValues, MEMIT, ROME, ValueFT
+from kvlens.editing import MEMIT, ROME, KeyFT, LoRAKeys, LoRAValues, ValueFT
 from kvlens.editing.base import EditMethod
 from kvlens.editing.delta import WeightDelta
 from kvlens.editing.history import EditHistory

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from kvlens import tracing
 from kvlens.causal.trace import trace
 from kvlens.datasets import EvalCase, load_bundled
-from kvlens.editing import KeyFT, ROME
+from kvlens.editing import ROME, KeyFT
 from kvlens.editing.base import EditMethod
 from kvlens.editing.request import EditRequest
 from kvlens.evaluate import evaluate

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
@@ -115,7 +116,7 @@ class App(widgets.VBox):
         try:
             with self.working(what):
                 return fn()
-        except Exception as exc:  # shown to the user in the widget, by design
+        except Exception as exc:  # noqa: BLE001 - shown to the user in the widget, by design
             self.show_error(exc)
             self.say(f"{what}: failed")
             return None
