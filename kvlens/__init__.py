@@ -1,17 +1,74 @@
 """kvlens: look inside a language model's feed-forward layers as key-value memories, and change them.
 
     import kvlens as kv
-    model = kv.load()                          # the embedded default, offline
+    model = kv.load()                                       # the embedded default, offline
+    trace = kv.trace(model, "{} is located in the city of", subject="The Eiffel Tower")
     acts = kv.keys(model, "The Eiffel Tower is located in the city of")
+    req = kv.EditRequest("{} is located in the city of", subject="The Eiffel Tower", target_new="Rome")
+    delta = kv.ROME().compute(model, [req])
+    with delta.applied(model):
+        ...
+    report = kv.evaluate(model, [req], delta)
+    kv.Report("Eiffel Tower -> Rome").add(trace, delta, report).save("report.html")
+
+Widgets (``EditStepper``, ``MemoryBrowser``, ``TraceExplorer``) and ``export_notebook`` are
+imported on first use, so ``import kvlens`` stays light.
 """
 
-from kvlens.memory.activations import KeyActivations, keys
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kvlens import corpus, metrics
+from kvlens.causal import (CausalTrace, SeveredTrace, TraceSummary, noise_scale, sever, suggest_edit_layers,
+                           trace, trace_many)
+from kvlens.corpus import Corpus
+from kvlens.datasets import (EvalCase, load_bundled, load_counterfact, load_json, load_reference_texts,
+                             load_zsre)
+from kvlens.editing import (MEMIT, ROME, AlphaEdit, EditHistory, EditRequest, GateFT, KeyFT, LoRAGates,
+                            LoRAKeys, LoRAValues, ValueFT, WeightDelta, available_methods, get_method,
+                            register_method)
+from kvlens.evaluate import EditReport, evaluate
+from kvlens.experiments import compare_methods, keys_vs_values, scaling
+from kvlens.memory.activations import KeyActivations, TopMemories, keys
+from kvlens.memory.contrib import Contributions, contributions
+from kvlens.memory.intervene import Intervention, intervene
+from kvlens.memory.lens import Composition, LogitLens, composition, logit_lens
+from kvlens.memory.triggers import TriggerExamples, trigger_examples
+from kvlens.memory.vocab import FoundMemories, VocabProjection, find_memories, values
 from kvlens.models import (ArchSpec, Batch, KVModel, Site, UnknownArchitectureError, cache_dir, get_arch,
                            load, register_arch, registered_types, wrap)
 from kvlens.views.report import Report, Section
+from kvlens.views.renderers import to_sections
 
 __version__ = "0.1.0"
 
-__all__ = ["ArchSpec", "Batch", "KVModel", "KeyActivations", "Report", "Section", "Site",
-           "UnknownArchitectureError", "cache_dir", "get_arch", "keys", "load", "register_arch",
-           "registered_types", "wrap"]
+_LAZY = {
+    "EditStepper": "kvlens.views.stepper",
+    "MemoryBrowser": "kvlens.views.explorers",
+    "TraceExplorer": "kvlens.views.explorers",
+    "notebook_mode": "kvlens.views.widgets",
+    "export_notebook": "kvlens.views.export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the widgets and the notebook exporter on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvlens' has no attribute {name!r}")
+
+
+__all__ = [
+    "MEMIT", "ROME", "AlphaEdit", "ArchSpec", "Batch", "CausalTrace", "Composition", "Contributions",
+    "Corpus", "EditHistory", "EditReport", "EditRequest", "EvalCase", "FoundMemories", "GateFT",
+    "Intervention", "KVModel", "KeyActivations", "KeyFT", "LoRAGates", "LoRAKeys", "LoRAValues", "LogitLens",
+    "Report", "Section", "SeveredTrace", "Site", "TopMemories", "TraceSummary", "TriggerExamples",
+    "UnknownArchitectureError", "ValueFT", "VocabProjection", "WeightDelta", "available_methods", "cache_dir",
+    "compare_methods", "composition", "contributions", "corpus", "evaluate", "find_memories", "get_arch",
+    "get_method", "intervene", "keys", "keys_vs_values", "load", "load_bundled", "load_counterfact",
+    "load_json", "load_reference_texts", "load_zsre", "logit_lens", "metrics", "noise_scale",
+    "register_arch", "register_method", "registered_types", "scaling", "sever", "suggest_edit_layers",
+    "to_sections", "trace", "trace_many", "trigger_examples", "values", "wrap", *_LAZY,
+]
