@@ -17,6 +17,7 @@ dense :class:`WeightDelta`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -42,6 +43,34 @@ def train_loss(model: KVModel, rows: Rows, kl_init: torch.Tensor | None, kl_fact
     tgt_logp, kl_logp = forward_logprobs(model, rows, None, layer=model.n_layers - 1)
     nll, kl = request_losses(rows, tgt_logp, kl_logp, kl_init, kl_factor)
     return nll, kl, kl_logp
+
+
+def fit(model: KVModel, rows: Rows, params: list[torch.Tensor], *, steps: int, lr: float, kl_factor: float,
+        early_stop: float, penalty: Callable[[], torch.Tensor] | None = None,
+        project: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Adam on ``params`` for the edit loss: NLL of the new targets + the KL essence term (+ ``penalty``).
+
+    Stops once every request's NLL is below ``early_stop``; ``project`` runs after each step (no grad),
+    e.g. FT+L's clamp. Shared by weight fine-tuning and LoRA. Returns the loss log.
+    """
+    opt = torch.optim.Adam(params, lr=lr)
+    kl_init: torch.Tensor | None = None
+    losses: list[float] = []
+    for _ in range(steps):
+        nll, kl, kl_logp = train_loss(model, rows, kl_init, kl_factor)
+        if kl_init is None and kl_factor > 0:
+            kl_init = kl_logp.detach()
+        loss = (nll + kl).sum() + (penalty() if penalty is not None else 0.0)
+        losses.append(float(loss.detach()))
+        if bool((nll < early_stop).all()):
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if project is not None:
+            with torch.no_grad():
+                project()
+    return {"loss": losses, "steps": len(losses), "final_nll": nll.detach().tolist()}
 
 
 @register_method
@@ -85,26 +114,16 @@ class FineTune(EditMethod):
 
     def _train(self, model: KVModel, rows: Rows, weights: list[torch.nn.Parameter],
                originals: list[torch.Tensor], hp: FTHparams) -> dict[str, Any]:
-        opt = torch.optim.Adam(weights, lr=hp.lr)
-        kl_init: torch.Tensor | None = None
-        losses: list[float] = []
-        for _ in range(hp.steps):
-            nll, kl, kl_logp = train_loss(model, rows, kl_init, hp.kl_factor)
-            if kl_init is None and hp.kl_factor > 0:
-                kl_init = kl_logp.detach()
-            decay = sum(((w - o) ** 2).sum() for w, o in zip(weights, originals))
-            loss = (nll + kl).sum() + hp.weight_decay * decay
-            losses.append(float(loss.detach()))
-            if bool((nll < hp.early_stop).all()):
-                break
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if hp.norm_constraint is not None:  # FT+L: ‖W − W₀‖∞ ≤ ε
-                with torch.no_grad():
-                    for w, o in zip(weights, originals):
-                        w.copy_(o + (w - o).clamp(-hp.norm_constraint, hp.norm_constraint))
-        return {"loss": losses, "steps": len(losses), "final_nll": nll.detach().tolist()}
+        def decay() -> torch.Tensor:  # FT-W: λ‖W − W₀‖²
+            return hp.weight_decay * sum(((w - o) ** 2).sum() for w, o in zip(weights, originals))
+
+        def clamp() -> None:  # FT+L: ‖W − W₀‖∞ ≤ ε
+            for w, o in zip(weights, originals):
+                w.copy_(o + (w - o).clamp(-hp.norm_constraint, hp.norm_constraint))
+
+        return fit(model, rows, weights, steps=hp.steps, lr=hp.lr, kl_factor=hp.kl_factor,
+                   early_stop=hp.early_stop, penalty=decay,
+                   project=clamp if hp.norm_constraint is not None else None)
 
 
 class KeyFT(FineTune):

@@ -17,7 +17,7 @@ import torch
 from kvlens.editing._shared import Rows, build_rows, context_templates
 from kvlens.editing.base import EditMethod, check_layers, register_method
 from kvlens.editing.delta import Part, WeightDelta
-from kvlens.editing.finetune import check_role, train_loss
+from kvlens.editing.finetune import check_role, fit
 from kvlens.editing.hparams import LORA_PRESETS, LoRAHparams
 from kvlens.editing.request import EditRequest
 from kvlens.models.kvmodel import KVModel
@@ -94,27 +94,14 @@ class LoRA(EditMethod):
         params = [p for m in modules for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=hp.lr)
-        kl_init: torch.Tensor | None = None
-        losses: list[float] = []
         for m in modules:
             m.train()
         try:
-            for _ in range(hp.steps):
-                nll, kl, kl_logp = train_loss(model, rows, kl_init, hp.kl_factor)
-                if kl_init is None and hp.kl_factor > 0:
-                    kl_init = kl_logp.detach()
-                loss = (nll + kl).sum()
-                losses.append(float(loss.detach()))
-                if bool((nll < hp.early_stop).all()):
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            return fit(model, rows, params, steps=hp.steps, lr=hp.lr, kl_factor=hp.kl_factor,
+                       early_stop=hp.early_stop)
         finally:
             for m in modules:
                 m.eval()
-        return {"loss": losses, "steps": len(losses), "final_nll": nll.detach().tolist()}
 
 
 class LoRAKeys(LoRA):
