@@ -11,8 +11,9 @@
     report = kv.evaluate(model, [req], delta)
     kv.Report("Eiffel Tower -> Rome").add(trace, delta, report).save("report.html")
 
-Widgets (``EditStepper``, ``MemoryBrowser``, ``TraceExplorer``) and ``export_notebook`` are
-imported on first use, so ``import kvlens`` stays light.
+Views (``Report``, ``Section``, ``to_sections``, the widgets ``EditStepper``, ``MemoryBrowser``,
+``TraceExplorer``, ``notebook_mode``, ``export_notebook``) are imported on first use, so the core
+never loads them.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ from kvlens.memory.triggers import TriggerExamples, trigger_examples
 from kvlens.memory.vocab import FoundMemories, VocabProjection, find_memories, values
 from kvlens.models import (ArchSpec, Batch, KVModel, Site, UnknownArchitectureError, cache_dir, get_arch,
                            load, register_arch, registered_types, wrap)
-from kvlens.views.report import Report, Section
-from kvlens.views.renderers import to_sections
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Report": "kvlens.views.report",
+    "Section": "kvlens.views.report",
+    "to_sections": "kvlens.views.renderers",
     "EditStepper": "kvlens.views.stepper",
     "MemoryBrowser": "kvlens.views.explorers",
     "TraceExplorer": "kvlens.views.explorers",
@@ -64,11 +66,11 @@ __all__ = [
     "MEMIT", "ROME", "AlphaEdit", "ArchSpec", "Batch", "CausalTrace", "Composition", "Contributions",
     "Corpus", "EditHistory", "EditReport", "EditRequest", "EvalCase", "FoundMemories", "GateFT",
     "Intervention", "KVModel", "KeyActivations", "KeyFT", "LoRAGates", "LoRAKeys", "LoRAValues", "LogitLens",
-    "Report", "Section", "SeveredTrace", "Site", "TopMemories", "TraceSummary", "TriggerExamples",
+    "SeveredTrace", "Site", "TopMemories", "TraceSummary", "TriggerExamples",
     "UnknownArchitectureError", "ValueFT", "VocabProjection", "WeightDelta", "available_methods", "cache_dir",
     "compare_methods", "composition", "contributions", "corpus", "evaluate", "find_memories", "get_arch",
     "get_method", "intervene", "keys", "keys_vs_values", "load", "load_bundled", "load_counterfact",
     "load_json", "load_reference_texts", "load_zsre", "logit_lens", "metrics", "noise_scale",
     "register_arch", "register_method", "registered_types", "scaling", "sever", "suggest_edit_layers",
-    "to_sections", "trace", "trace_many", "trigger_examples", "values", "wrap", *_LAZY,
+    "trace", "trace_many", "trigger_examples", "values", "wrap", *_LAZY,
 ]

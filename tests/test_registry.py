@@ -128,8 +128,12 @@ def test_spec_naming_a_missing_module_fails_at_wrap():
     from tests.conftest import CharTokenizer, tiny_hf
 
     bad = replace(kvlens.get_arch("llama"), key="w_in")
+    hf = tiny_hf("llama").train()
     with pytest.raises(ValueError, match="'w_in'"):
-        KVModel(tiny_hf("llama"), CharTokenizer(), bad)
+        KVModel(hf, CharTokenizer(), bad)
+    assert hf.training and all(p.requires_grad for p in hf.parameters())  # the caller's model untouched
+    with pytest.raises(ValueError, match="layers 'model.blocks'"):
+        KVModel(hf, CharTokenizer(), replace(bad, key="up_proj", layers="model.blocks"))
 
 
 def test_layer_out_of_range_and_bad_sites():

@@ -46,7 +46,7 @@ def test_matches_direct_computation(tmp_path):
 def test_cache_round_trip_and_corruption(tmp_path):
     m = tiny("llama")
     first = moments(m, [0, 2], tmp_path)
-    path = cache_path(m, 2, CORPUS, 600, torch.float32, tmp_path)
+    path = cache_path(m, 2, CORPUS, 600, torch.float32, tmp_path, window=32)
     assert path.exists() and torch.equal(load_moment(path), first[2])
     again = moments(m, [2], tmp_path)
     assert torch.equal(again[2], first[2])
@@ -65,6 +65,8 @@ def test_cache_key_depends_on_weights_and_sample(tmp_path):
     assert cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path) != cache_path(b, 0, CORPUS, 600, torch.float32, tmp_path)
     assert cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path) != cache_path(a, 0, CORPUS, 700, torch.float32, tmp_path)
     assert cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path) != cache_path(a, 0, CORPUS.head(3), 600, torch.float32, tmp_path)
+    assert cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path) != cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path,
+                                                                                window=64)
 
 
 def test_low_sample_warning_and_bad_input(tmp_path):

@@ -158,12 +158,15 @@ def decode_at(model: KVModel, final: torch.Tensor, rows: torch.Tensor, cols: tor
 
 def request_losses(rows: Rows, tgt_logp: torch.Tensor, kl_logp: torch.Tensor | None,
                    kl_init: torch.Tensor | None, kl_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-request (NLL, KL): length-normalized target NLL averaged over contexts; KL(init ‖ now)."""
+    """Per-request (NLL, KL): length-normalized target NLL averaged over contexts; KL(now ‖ init).
+
+    The essence term of ROME Eq. 4 (rome/compute_v.py: ``kl_div(init, now, log_target=True)``).
+    """
     nll = torch.zeros(rows.n_requests, device=tgt_logp.device).index_add(
         0, rows.request[rows.tgt_row].to(tgt_logp.device), -tgt_logp * rows.tgt_weight.to(tgt_logp.device))
     kl = torch.zeros_like(nll)
     if kl_logp is not None and kl_init is not None and kl_factor > 0:
-        per = torch.nn.functional.kl_div(kl_logp, kl_init, log_target=True, reduction="none").sum(-1)
+        per = torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)
         kl = kl.index_add(0, rows.request[rows.kl_rows].to(per.device), kl_factor * per)
     return nll, kl
 

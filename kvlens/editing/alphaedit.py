@@ -61,7 +61,7 @@ class AlphaEdit(MEMIT):
     def __init__(self, hparams: AlphaEditHparams | None = None, *, preset: str | None = None,
                  previous_keys: Mapping[int, torch.Tensor] | None = None, **overrides: Any) -> None:
         super().__init__(hparams, preset=preset, **overrides)
-        self.previous_keys = {l: k.double() for l, k in (previous_keys or {}).items()}
+        self.previous_keys = {l: k.detach().double().cpu() for l, k in (previous_keys or {}).items()}
         self._projectors: dict[int, torch.Tensor] = {}
 
     def default_hparams(self, model: KVModel) -> AlphaEditHparams:
@@ -71,8 +71,12 @@ class AlphaEdit(MEMIT):
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: AlphaEditHparams,
                  **kwargs: Any) -> WeightDelta:
         self._projectors = {}
+        committed = dict(self.previous_keys)
         try:
             return super()._compute(model, requests, hp, **kwargs)
+        except BaseException:  # a failed compute leaves the accumulated keys as they were
+            self.previous_keys = committed
+            raise
         finally:
             self._projectors = {}
 

@@ -102,7 +102,7 @@ class FineTune(EditMethod):
         try:
             with tracing.trainable(*weights):
                 log = self._train(model, rows, weights, originals, hp)
-            parts = {(l, hp.role): Part(model.canonical((w.detach() - o).float(), hp.role).clone())
+            parts = {(l, hp.role): Part(model.canonical(w.detach().float() - o.float(), hp.role).clone())
                      for l, w, o in zip(layers, weights, originals)}
         finally:
             with torch.no_grad():

@@ -48,12 +48,14 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def cache_path(model: KVModel, layer: int, corpus: Corpus, n_tokens: int, dtype: torch.dtype,
-               root: Path | None = None, fingerprint: str | None = None) -> Path:
-    """Where the statistics of ``layer`` are cached (everything they depend on is in the path)."""
+               root: Path | None = None, fingerprint: str | None = None, window: int = 128) -> Path:
+    """Where the statistics of ``layer`` are cached (everything they depend on is in the path:
+    model weights, prompt prefix, corpus, token count, window length and dtype)."""
     fp = (fingerprint or model.fingerprint())[:16]
+    prefix = hashlib.sha256(model.prefix.encode()).hexdigest()[:8]
     name = str(dtype).replace("torch.", "")
-    return (root or cache_dir()) / "stats" / f"{model.spec.model_type}-{fp}" / corpus.id / \
-        f"layer{layer}_{name}_{n_tokens}.safetensors"
+    return (root or cache_dir()) / "stats" / f"{model.spec.model_type}-{fp}-{prefix}" / corpus.id / \
+        f"layer{layer}_{name}_{n_tokens}_w{window}.safetensors"
 
 
 def load_moment(path: Path) -> torch.Tensor:
@@ -134,7 +136,7 @@ def second_moments(model: KVModel, layers: Sequence[int], corpus: Corpus | None 
                       "edits will be noisier than with the usual 100k samples", stacklevel=2)
     fp = model.fingerprint() if cache else ""
     out: dict[int, torch.Tensor] = {}
-    paths = {l: cache_path(model, l, corpus, n_tokens, dtype, cache_root, fp) for l in layers} if cache else {}
+    paths = {l: cache_path(model, l, corpus, n_tokens, dtype, cache_root, fp, window) for l in layers} if cache else {}
     for layer, path in paths.items():
         if path.exists():
             out[layer] = check_moment(load_moment(path), model, layer)

@@ -51,7 +51,7 @@ class Site:
             return (-1, 0)
         if self.kind == "logits":
             return (n_layers, 0)
-        return (self.layer, _KIND_ORDER[self.kind])
+        return (self.layer % n_layers, _KIND_ORDER[self.kind])
 
 
 @dataclass(frozen=True)
@@ -112,13 +112,19 @@ class KVModel:
         self.spec = spec
         self.name = name or getattr(hf_model.config, "name_or_path", "") or spec.model_type
         self.prefix = prefix
+        try:
+            self._layers: nn.ModuleList = hf_model.get_submodule(spec.layers)
+        except AttributeError:
+            raise ValueError(
+                f"the {spec.model_type} spec names layers {spec.layers!r}, which {type(hf_model).__name__} "
+                "does not have; fix the spec with register_arch(..., overwrite=True)"
+            ) from None
+        self._check_roles()  # before anything of the caller's is changed
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         hf_model.eval()
         hf_model.requires_grad_(False)
         self.nn = TransformersModel(hf_model, tokenizer=tokenizer)
-        self._layers: nn.ModuleList = hf_model.get_submodule(spec.layers)
-        self._check_roles()
 
     # ---- sizes -------------------------------------------------------------------------
     @property

@@ -33,8 +33,10 @@ _LLAMA = ArchSpec(
     key="up_proj", gate="gate_proj", value="down_proj", activation="act_fn",
 )
 
-#: Families whose modules match Llama's names (each checked by the registry test).
-LLAMA_LIKE = ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite")
+#: Families whose modules match Llama's names (each checked by the registry test) and whose FFN
+#: output joins the residual unchanged. Not included: gemma2 and olmo2 (a norm after the FFN) and
+#: granite (a residual multiplier): ROME/MEMIT's δ on the residual would not be what lands.
+LLAMA_LIKE = ("mistral", "qwen2", "qwen3", "gemma", "olmo")
 
 _REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec for spec in (_GPT2, _GPTJ, _NEOX, _LLAMA)
