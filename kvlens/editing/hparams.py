@@ -13,6 +13,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 
+def _check_role(role: str) -> None:
+    """An FFN role that fine-tuning and LoRA can train."""
+    if role not in ("key", "gate", "value"):
+        raise ValueError(f"role must be 'key', 'gate' or 'value', got {role!r}")
+
+
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
@@ -131,8 +137,7 @@ class FTHparams:
     contexts: Contexts = field(default_factory=lambda: Contexts(n=0))
 
     def __post_init__(self) -> None:
-        if self.role not in ("key", "gate", "value"):
-            raise ValueError(f"role must be 'key', 'gate' or 'value', got {self.role!r}")
+        _check_role(self.role)
         if not self.layers:
             raise ValueError("fine-tuning needs at least one layer")
         if self.steps < 1:
@@ -161,8 +166,7 @@ class LoRAHparams:
     contexts: Contexts = field(default_factory=lambda: Contexts(n=0))
 
     def __post_init__(self) -> None:
-        if self.role not in ("key", "gate", "value"):
-            raise ValueError(f"role must be 'key', 'gate' or 'value', got {self.role!r}")
+        _check_role(self.role)
         if not self.layers:
             raise ValueError("LoRA needs at least one layer")
         if self.rank < 1 or self.steps < 1:
