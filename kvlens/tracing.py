@@ -15,10 +15,12 @@ Only this module and :mod:`kvlens.models` import nnsight.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import nnsight
 import torch
+from transformers.cache_utils import DynamicCache
 
 from kvlens.models.kvmodel import Batch, KVModel, Site
 
@@ -141,44 +143,122 @@ def trainable(*tensors: torch.nn.Parameter):
             t.requires_grad_(flag)
 
 
-def layer_outputs(model: KVModel, batch: Batch, upto: int) -> list[object]:
-    """What decoder layers ``0..upto`` return for ``batch`` (no grad), to replay with :func:`run_skipping`.
+@dataclass(frozen=True)
+class Prefix:
+    """What a batch computes before a change at layer ``upto``, kept so later forwards can resume.
 
-    Each entry is the layer's output as the family returns it (a tensor or a tuple).
+    A change made after layer ``upto`` at position ``start[r]`` of row ``r`` cannot alter layers
+    ``0..upto`` nor any position before ``start[r]`` (causal attention). So a resumed forward
+    (:func:`run_skipping`) replays layer ``upto``'s output and computes only layers above it at
+    positions ``>= start[r]``; those positions attend to the earlier ones through the cached
+    attention keys/values, left-padded to a common length ``P`` (``past_mask``).
+
+    States are in *suffix layout*: column ``i`` of row ``r`` is position ``start[r] + i``.
+    ``batch`` holds the suffix tokens (right padded), ``top`` layer ``upto``'s output there.
+    """
+
+    upto: int
+    start: torch.Tensor  # [R] long
+    batch: Batch
+    top: object  # layer ``upto``'s output as it returns it (tensor or tuple), its states in suffix layout
+    past_mask: torch.Tensor  # [R, P]
+    keys: tuple[torch.Tensor, ...]  # per layer [R, heads, P, head_dim]; empty when P == 0
+    values: tuple[torch.Tensor, ...]
+
+    def select(self, rows: torch.Tensor) -> Prefix:
+        """The prefix of ``rows`` only (suffix width trimmed to them)."""
+        width = int(self.batch.attention_mask[rows.to(self.batch.attention_mask.device)].sum(-1).max())
+
+        def cut(x: torch.Tensor) -> torch.Tensor:
+            return x[rows.to(x.device), :width]
+
+        def pick(x: Any) -> Any:  # the other outputs of the layer (e.g. GPT-J's attention weights)
+            return x[rows.to(x.device)] if isinstance(x, torch.Tensor) and x.shape[0] == len(self.start) else x
+
+        b = self.batch
+        top = (cut(self.top[0]), *map(pick, self.top[1:])) if isinstance(self.top, tuple) else cut(self.top)
+        return Prefix(self.upto, self.start[rows], Batch(cut(b.input_ids), cut(b.attention_mask),
+                                                          tuple(b.prompts[i] for i in rows.tolist())),
+                      top, self.past_mask[rows.to(self.past_mask.device)],
+                      tuple(k[rows.to(k.device)] for k in self.keys), tuple(v[rows.to(v.device)] for v in self.values))
+
+    def inputs(self, model: KVModel) -> dict[str, Any]:
+        """Forward keyword arguments: suffix ids, past + suffix mask, true positions, a fresh cache."""
+        b = self.batch
+        width = b.input_ids.shape[1]
+        dev = b.input_ids.device
+        out: dict[str, Any] = {"input_ids": b.input_ids,
+                               "attention_mask": torch.cat([self.past_mask.to(dev), b.attention_mask], 1),
+                               "position_ids": self.start.to(dev).view(-1, 1) + torch.arange(width, device=dev)}
+        if self.keys:
+            cache = DynamicCache(config=model.config)
+            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+                cache.update(k, v, layer)
+            out["past_key_values"] = cache
+            out["use_cache"] = True
+        return out
+
+
+def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | None = None) -> Prefix:
+    """Run ``batch`` once (no grad) and keep what a change after layer ``upto`` at ``start`` leaves fixed.
+
+    ``start[r]`` (default 0: only the layers are skipped) must lie inside row ``r``'s prompt.
     """
     upto = model.check_layer(upto)
-    outs: list[object] = []
-    with torch.no_grad(), model.nn.trace(**batch.inputs()) as tracer:
-        for layer in range(upto + 1):
-            envoy, _ = model.envoy(Site("resid", layer))
-            outs.append(nnsight.save(envoy.output))
-        tracer.stop()
-    return list(outs)
+    lengths = batch.lengths.cpu()
+    start = torch.zeros(len(batch), dtype=torch.long) if start is None else torch.as_tensor(start).long().cpu()
+    if len(start) != len(batch) or bool((start < 0).any()) or bool((start >= lengths).any()):
+        raise ValueError(f"prefix start positions must lie inside each prompt (lengths {lengths.tolist()}), "
+                         f"got {start.tolist()}")
+    past_len, width = int(start.max()), int((lengths - start).max())
+    with torch.no_grad(), model.nn.trace(**batch.inputs(), use_cache=past_len > 0) as tracer:
+        envoy, _ = model.envoy(Site("resid", upto))
+        top = nnsight.save(envoy.output)
+        if past_len > 0:
+            cache = nnsight.save(model.nn.output.past_key_values)
+        else:
+            tracer.stop()
+    dev = batch.input_ids.device
+    suffix = (start.view(-1, 1) + torch.arange(width)).to(dev)
+    suffix_mask = (suffix < lengths.to(dev).view(-1, 1)).long()
+    suffix = torch.minimum(suffix, (lengths - 1).to(dev).view(-1, 1))
+    past = (start.view(-1, 1) - past_len + torch.arange(past_len)).to(dev)
+    past_mask = (past >= 0).long()
+    keys: tuple[torch.Tensor, ...] = ()
+    values: tuple[torch.Tensor, ...] = ()
+    if past_len > 0:
+        index = past.clamp_min(0).view(len(batch), 1, past_len, 1)
+        layers = [cache.layers[j] for j in range(model.n_layers)]
+        keys = tuple(l.keys.gather(2, index.expand(-1, l.keys.shape[1], -1, l.keys.shape[3])) for l in layers)
+        values = tuple(l.values.gather(2, index.expand(-1, l.values.shape[1], -1, l.values.shape[3]))
+                       for l in layers)
+    ids = batch.input_ids.gather(1, suffix) * suffix_mask
+    rows = torch.arange(len(batch), device=dev).view(-1, 1)
+    top = (top[0][rows, suffix], *top[1:]) if isinstance(top, tuple) else top[rows, suffix]
+    return Prefix(upto, start, Batch(ids, suffix_mask, batch.prompts), top, past_mask, keys, values)
 
 
-def run_skipping(model: KVModel, batch: Batch, outputs: Sequence[object], *, top: Write,
-                 read: Iterable[Site] = (), grad: bool = False, stop: bool = False) -> dict[Site, torch.Tensor]:
-    """A forward in which layers ``0..len(outputs)-1`` are not computed but return ``outputs``.
+def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, read: Iterable[Site] = (),
+                 grad: bool = False, stop: bool = False) -> dict[Site, torch.Tensor]:
+    """Resume ``prefix``: layers ``0..prefix.upto`` replay its cached output, the rest computes.
 
-    The hidden state of the last skipped layer first goes through ``top`` (e.g. :func:`add_at`
-    with a leaf ``delta``), so states above depend on it and can carry gradients. Work below is
-    fixed and skipped: MEMIT's z optimisation only needs the layers above its target layer.
-    ``read`` must name sites above the skipped layers.
+    The replayed state first goes through ``top`` (e.g. :func:`add_at` with a leaf ``delta``, at
+    column 0 = each row's start position), so states above depend on it and can carry gradients.
+    MEMIT's z optimisation needs only this part. ``read`` must name sites above ``prefix.upto``;
+    the states returned are in suffix layout.
     """
-    if not outputs:
-        raise ValueError("run_skipping needs the outputs of at least one layer")
-    last = len(outputs) - 1
+    last = prefix.upto
     read = sorted(set(read), key=lambda s: s.order(model.n_layers))
     for site in read:
         if site.kind != "logits" and site.layer <= last:
             raise ValueError(f"cannot read {site}: layers 0..{last} are skipped")
+    out = prefix.top
+    out = (top(out[0]), *out[1:]) if isinstance(out, tuple) else top(out)
     saved: dict[Site, torch.Tensor] = {}
     grad_mode = torch.enable_grad() if grad else torch.no_grad()
-    with grad_mode, model.nn.trace(**batch.inputs()) as tracer:
-        for layer, out in enumerate(outputs):
+    with grad_mode, model.nn.trace(**prefix.inputs(model)) as tracer:
+        for layer in range(last + 1):  # below the top nothing reads them: all replay the top output
             envoy, _ = model.envoy(Site("resid", layer))
-            if layer == last:
-                out = (top(out[0]), *out[1:]) if isinstance(out, tuple) else top(out)
             envoy.skip(out)
         for site in read:
             envoy, attr = model.envoy(site)

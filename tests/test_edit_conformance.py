@@ -200,3 +200,41 @@ def test_registry_and_presets():
         ROME(preset="nope")
     with pytest.raises(ValueError, match="role"):
         FineTune(role="query").hparams_for(tiny("gpt2"))
+
+
+def test_target_optimisation_records_curves_shares_and_keys():
+    """What the "inside the edit" views draw: per-step terms, ‖δ‖ vs its clamp, layer shares, k*."""
+    from kvlens.views import edit_figures
+
+    m = tiny("llama")
+    editor, extra = METHODS["memit"](m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = editor.compute(m, REQS, **extra, report=False)
+    opt = d.info["opt"]
+    for i in range(len(REQS)):
+        steps = len(opt["curves"]["nll"][i])
+        assert steps >= 1 and all(len(opt["curves"][k][i]) == steps for k in ("kl", "decay", "norm"))
+        # the loss recorded last is the sum of the terms of the last step
+        last = sum(opt["curves"][k][i][-1] for k in ("nll", "kl", "decay"))
+        assert abs(last - opt["loss"][i]) < 1e-4 * max(1.0, abs(last))
+        assert max(opt["curves"]["norm"][i]) <= opt["max_norm"][i] * (1 + 1e-5)
+    shares = d.info["layer_shares"]
+    assert [s["layer"] for s in shares] == [0, 1]
+    # Eq. 20: the lowest layer gets 1/|R| of the residual, which is all still to insert
+    assert shares[0]["share"] == pytest.approx(0.5, rel=1e-5)
+    assert shares[0]["remaining"] == pytest.approx(sum(d.info["delta_norms"]) / 2, rel=1e-5)
+    assert len(d.info["keys"]["1"]) == 2 and len(d.info["keys"]["1"][0]) == m.d_ff
+    assert len(edit_figures.optimisation_curve(d).data) == 4 * 2 + 2  # 4 panels x 2 requests + 2 clamps
+    assert [t.name for t in edit_figures.layer_shares(d).data][0].startswith("assigned")
+    assert len(edit_figures.key_bars(d).data) == 2
+
+    rome, extra = METHODS["rome"](m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = rome.compute(m, REQS[:1], **extra, report=False)
+    k_star = torch.tensor(r.info["key"])
+    u = r.parts[(1, "value")].left[:, 0]
+    solved = torch.linalg.solve(extra["stats"][1].double(), k_star.double()).float()
+    torch.testing.assert_close(u / u.norm(), solved / solved.norm(), rtol=1e-4, atol=1e-5)  # u ∝ C⁻¹k*
+    assert edit_figures.layer_shares(r) is None and edit_figures.key_bars(r) is not None

@@ -78,3 +78,30 @@ def test_trainable_restores_flags(m):
     with tracing.trainable(w):
         assert w.requires_grad
     assert not w.requires_grad
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "qwen2"])
+def test_resuming_a_prefix_from_per_row_positions_equals_the_full_forward(family):
+    """Layers above ``upto`` at positions >= start[r], fed from the cache, give the full run's states."""
+    m = tiny(family)
+    batch = m.tokenize(["a longer prompt here", "short", "mid size"])
+    start = torch.tensor([6, 0, 3])
+    delta = torch.randn(3, m.d_model)
+    final = Site("resid", m.n_layers - 1)
+    full = tracing.run(m, batch, read=[final],
+                       write={Site("resid", 0): tracing.add_at(torch.arange(3), start, delta)})[final]
+    prefix = tracing.prefix_run(m, batch, 0, start)
+    resumed = tracing.run_skipping(m, prefix, top=tracing.add_at(torch.arange(3), torch.zeros(3), delta),
+                                   read=[final])[final]
+    for r in range(3):
+        n = int(batch.lengths[r] - start[r])
+        torch.testing.assert_close(resumed[r, :n], full[r, start[r]:start[r] + n], rtol=1e-4, atol=1e-5)
+    sub = prefix.select(torch.tensor([2]))
+    again = tracing.run_skipping(m, sub, top=tracing.add_at([0], [0], delta[2:]), read=[final])[final]
+    torch.testing.assert_close(again[0, :5], resumed[2, :5], rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_start_outside_a_prompt_is_refused(m):
+    batch = m.tokenize(["abc", "a"])
+    with pytest.raises(ValueError, match="inside each prompt"):
+        tracing.prefix_run(m, batch, 0, torch.tensor([0, 5]))

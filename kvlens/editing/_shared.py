@@ -171,21 +171,26 @@ def request_losses(rows: Rows, tgt_logp: torch.Tensor, kl_logp: torch.Tensor | N
     return nll, kl
 
 
-def forward_logprobs(model: KVModel, rows: Rows, write: tracing.Write | None, *, layer: int,
-                     cached: Sequence[object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target-token and KL-row log-probabilities with ``write`` applied to the residual after ``layer``.
+def forward_logprobs(model: KVModel, rows: Rows, delta: torch.Tensor | None, *, layer: int,
+                     prefix: tracing.Prefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target-token and KL-row log-probabilities with ``delta[r]`` added after ``layer`` at row r's subject.
 
-    With ``cached`` (from :func:`tracing.layer_outputs`) layers ``0..layer`` are replayed, not
-    computed, and only the needed positions are decoded; otherwise the whole model runs.
+    With ``prefix`` (:func:`tracing.prefix_run` of ``rows`` from their subject tokens) only layers
+    above ``layer`` at positions from the subject on are computed; otherwise the whole model runs.
+    Only the positions the losses need are decoded.
     """
     final = Site("resid", model.n_layers - 1)
-    identity: tracing.Write = write or (lambda s: s)
-    if cached is not None:
-        states = tracing.run_skipping(model, rows.batch, cached, top=identity, read=[final], grad=True, stop=True)
-    else:
-        states = tracing.run(model, rows.batch, write={Site("resid", layer): identity}, read=[final], grad=True)
+    n_rows = torch.arange(len(rows.request))
     kl_rows = rows.kl_rows
-    cols = torch.cat([rows.tgt_col, rows.subject[kl_rows]])
+    if prefix is not None:
+        write = tracing.add_at(n_rows, torch.zeros_like(n_rows), delta) if delta is not None else (lambda s: s)
+        states = tracing.run_skipping(model, prefix, top=write, read=[final], grad=True, stop=True)
+        shift = prefix.start
+    else:
+        write = tracing.add_at(n_rows, rows.subject, delta) if delta is not None else (lambda s: s)
+        states = tracing.run(model, rows.batch, write={Site("resid", layer): write}, read=[final], grad=True)
+        shift = torch.zeros_like(rows.subject)
+    cols = torch.cat([rows.tgt_col - shift[rows.tgt_row], rows.subject[kl_rows] - shift[kl_rows]])
     logp = decode_at(model, states[final], torch.cat([rows.tgt_row, kl_rows]), cols)
     n = len(rows.tgt_row)
     return logp[:n].gather(1, rows.tgt_id.view(-1, 1).to(logp.device)).squeeze(1), logp[n:]
@@ -216,7 +221,10 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
     Loss per request: NLL(target) + KL + ``wd · ‖δ‖/‖ref‖²``; the total is a *sum* over requests
     and Adam runs per row, so optimising many requests together gives the same δ as one by one.
     A request stops once its loss is below ``opt.early_stop``; ‖δ_i‖ is clamped to
-    ``opt.clamp · ‖reference_i‖`` (ROME: MLP output, MEMIT: h^L, App. B). Returns δ ``[N, d_model]``.
+    ``opt.clamp · ‖reference_i‖`` (ROME: MLP output, MEMIT: h^L, App. B). Returns δ ``[N, d_model]``
+    and a log: each request's final loss and steps, its clamp bound ``max_norm``, and ``curves``,
+    per request the value at every step it took part in of ``nll``, ``kl``, ``decay`` (the
+    norm penalty) and ``norm`` (‖δ‖ entering that step).
     """
     n, dev = rows.n_requests, model.device
     delta = torch.zeros(n, model.d_model, device=dev)
@@ -225,13 +233,13 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
     ref = reference.to(dev).float().norm(dim=-1)
     loss_last = torch.full((n,), float("nan"))
     steps = torch.zeros(n, dtype=torch.long)
+    curves: dict[str, list[list[float]]] = {k: [[] for _ in range(n)] for k in ("nll", "kl", "decay", "norm")}
     kl_init: torch.Tensor | None = None
-    cached = tracing.layer_outputs(model, rows.batch, layer) if skip_fixed else None
-    sub, sub_cached, sub_idx = rows, cached, torch.arange(n)
+    prefix = tracing.prefix_run(model, rows.batch, layer, rows.subject) if skip_fixed else None
+    sub, sub_prefix, sub_idx = rows, prefix, torch.arange(n)
     for _ in range(opt.steps):
         leaf = delta[sub_idx.to(dev)].clone().requires_grad_(True)
-        write = tracing.add_at(torch.arange(len(sub.request)), sub.subject, leaf[sub.request.to(dev)])
-        tgt_logp, kl_logp = forward_logprobs(model, sub, write, layer=layer, cached=sub_cached)
+        tgt_logp, kl_logp = forward_logprobs(model, sub, leaf[sub.request.to(dev)], layer=layer, prefix=sub_prefix)
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl_ref = kl_init[_kl_index(rows, sub_idx[sub.request[sub.kl_rows]])]  # in sub's KL-row order
@@ -239,6 +247,9 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
         decay = opt.weight_decay * leaf.norm(dim=-1) / ref[sub_idx.to(dev)] ** 2
         loss = nll + kl + decay
         loss_last[sub_idx] = loss.detach().cpu()
+        for name, value in (("nll", nll), ("kl", kl), ("decay", decay), ("norm", leaf.norm(dim=-1))):
+            for i, v in zip(sub_idx.tolist(), value.detach().cpu().tolist()):
+                curves[name][i].append(v)
         done = loss.detach().cpu() < opt.early_stop
         if bool(done.all()):
             break
@@ -252,8 +263,9 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
         if bool(done.any()):
             sub_idx = active.nonzero().flatten().cpu()
             sub = rows.select(sub_idx)
-            sub_cached = _select_cached(cached, rows, sub_idx) if cached is not None else None
-    return delta.detach(), {"loss": loss_last.tolist(), "steps": steps.tolist()}
+            sub_prefix = prefix.select(_rows_of(rows, sub_idx)) if prefix is not None else None
+    return delta.detach(), {"loss": loss_last.tolist(), "steps": steps.tolist(),
+                            "max_norm": (ref * opt.clamp).cpu().tolist(), "curves": curves}
 
 
 def _kl_index(rows: Rows, requests: torch.Tensor) -> torch.Tensor:
@@ -270,22 +282,11 @@ def _clamp_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
     delta.mul_(scale.unsqueeze(-1))
 
 
-def _select_cached(cached: Sequence[object], rows: Rows, requests: torch.Tensor) -> list[object]:
-    """The cached layer outputs restricted to the rows of ``requests`` (and their width)."""
+def _rows_of(rows: Rows, requests: torch.Tensor) -> torch.Tensor:
+    """The row indices of ``requests``, in order (as :meth:`Rows.select` keeps them)."""
     req = torch.zeros(rows.n_requests, dtype=torch.bool)
     req[requests] = True
-    keep = req[rows.request].nonzero().flatten()
-    width = int(rows.batch.attention_mask[keep.to(rows.batch.attention_mask.device)].sum(-1).max())
-    b = len(rows.request)
-
-    def cut(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == b:
-            return x[keep.to(x.device), :width]
-        if isinstance(x, tuple):
-            return tuple(cut(y) for y in x)
-        return x
-
-    return [cut(o) for o in cached]
+    return req[rows.request].nonzero().flatten()
 
 
 def target_report(model: KVModel, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:

@@ -12,6 +12,11 @@
 
    solved in float64 and kept as low-rank factors ``[d_ff, n] @ [n, d_model]``.
 3. ``sequential_batch``: requests are inserted in sequential batches, each on top of the last.
+
+``info`` records, for the views: the z optimisation per request and step (``opt``), each layer's
+share of the residual (``layer_shares``: mean ‖z − h‖ still to insert before the layer, the mean
+‖r^l‖ assigned to it, and that as a share of ‖z − h^L‖), the mean ‖z − h‖ left after the edit,
+and the keys of the first requests.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from kvlens.editing.request import EditRequest
 from kvlens.memory.stats import resolve_moments
 from kvlens.models.kvmodel import KVModel, Site
 
+#: ``info["keys"]`` keeps the keys k_i^l (Eq. 19) of the first SHOWN_KEYS requests, for views.
+SHOWN_KEYS = 8
+
 
 def layer_update(C: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, lam: float) -> Part:
     """ΔV = (λC + KKᵀ)⁻¹ K Rᵀ (Eq. 14) in float64; ``keys`` ``[n, d_ff]``, ``resid`` ``[n, d_model]``."""
@@ -49,19 +57,26 @@ def target_vectors(model: KVModel, rows: Rows, hp: MEMITHparams) -> tuple[torch.
     h = subject_states(model, rows.select(range(rows.n_requests), clean=True), [site])[site]
     size = hp.z_batch or rows.n_requests
     n = rows.n_requests
-    # batch requests of similar length together: less padding, same result (rows are independent)
+    # batch requests of similar suffix length (from the subject on) together: less padding, same
+    # result (rows are independent)
     width = torch.zeros(n, dtype=torch.long).index_reduce_(
-        0, rows.request, rows.batch.attention_mask.sum(-1).cpu(), "amax", include_self=False)
+        0, rows.request, rows.batch.attention_mask.sum(-1).cpu() - rows.subject, "amax", include_self=False)
     order = torch.argsort(width, stable=True)
     delta = torch.zeros(n, model.d_model)
-    loss, steps = torch.zeros(n), torch.zeros(n, dtype=torch.long)
+    per_request: dict[str, list[Any]] = {}
     start = time.perf_counter()
     for lo in range(0, n, size):
         idx = order[lo: lo + size]
-        d, log = optimise_targets(model, rows.select(idx), top, h[idx], hp.opt, skip_fixed=hp.skip_fixed)
+        d, part = optimise_targets(model, rows.select(idx), top, h[idx], hp.opt, skip_fixed=hp.skip_fixed)
         delta[idx] = d.cpu()
-        loss[idx], steps[idx] = torch.tensor(log["loss"]), torch.tensor(log["steps"])
-    log = {"loss": loss.tolist(), "steps": steps.tolist(), "z_seconds": time.perf_counter() - start}
+        for name, values in [*((k, v) for k, v in part.items() if k != "curves"),
+                             *((f"curves.{k}", v) for k, v in part["curves"].items())]:
+            merged = per_request.setdefault(name, [None] * n)
+            for i, v in zip(idx.tolist(), values):
+                merged[i] = v
+    log: dict[str, Any] = {k: v for k, v in per_request.items() if not k.startswith("curves.")}
+    log["curves"] = {k.removeprefix("curves."): v for k, v in per_request.items() if k.startswith("curves.")}
+    log["z_seconds"] = time.perf_counter() - start
     return h + delta, h, log
 
 
@@ -86,6 +101,11 @@ class MEMIT(EditMethod):
         """The change of V at ``layer`` for these keys and residuals (MEMIT: Eq. 14)."""
         return layer_update(C, keys, resid, hp.lam)
 
+    def _partial(self, model: KVModel, parts: dict[tuple[int, str], Part],
+                 requests: tuple[EditRequest, ...]) -> WeightDelta:
+        """The layers updated so far, to measure keys and h^L with them in place."""
+        return WeightDelta.from_model(model, dict(parts), method=self.name, hparams={}, requests=requests)
+
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams, *,
                  stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
                  sequential_batch: int | None = None, **_: Any) -> WeightDelta:
@@ -102,16 +122,27 @@ class MEMIT(EditMethod):
         top = Site("resid", hp.layers[-1])
         clean = rows.select(range(rows.n_requests), clean=True)
         parts: dict[tuple[int, str], Part] = {}
+        shares, keys_shown = [], {}
         for i, layer in enumerate(hp.layers):
             key = Site("key", layer)
             if parts:
-                with WeightDelta.from_model(model, parts, method=self.name, hparams={}, requests=requests).applied(model):
+                with self._partial(model, parts, requests).applied(model):
                     keys = subject_states(model, rows, [key])[key]
                     h_now = subject_states(model, clean, [top])[top]
             else:
                 keys, h_now = subject_states(model, rows, [key])[key], h
             resid = (z - h_now) / (len(hp.layers) - i)  # Eq. 20
             parts[(layer, "value")] = self.layer_update(layer, moments[layer], keys, resid, hp)
-        info = {"contexts": list(templates), "opt": log, "z": z, "delta_norms": (z - h).norm(dim=-1).tolist()}
+            shares.append({"layer": layer, "remaining": (z - h_now).norm(dim=-1).mean().item(),
+                           "assigned": resid.norm(dim=-1).mean().item()})
+            keys_shown[str(layer)] = keys[:SHOWN_KEYS].tolist()
+        with self._partial(model, parts, requests).applied(model):
+            h_after = subject_states(model, clean, [top])[top]
+        total = (z - h).norm(dim=-1).mean().item()
+        for row in shares:
+            row["share"] = row["assigned"] / total if total else 0.0
+        info = {"contexts": list(templates), "opt": log, "z": z, "delta_norms": (z - h).norm(dim=-1).tolist(),
+                "layer_shares": shares, "remaining_after": (z - h_after).norm(dim=-1).mean().item(),
+                "keys": keys_shown}
         return WeightDelta.from_model(model, parts, method=self.name, hparams=hp.to_dict(),
                                       requests=requests, info=info)

@@ -77,6 +77,6 @@ class ROME(EditMethod):
         delta, log = optimise_targets(model, rows, layer, clean[mlp], hp.opt)
         part = rank_one(C, k_star, k_star if hp.key_fix else clean[key][0], delta[0].cpu())
         info = {"contexts": list(templates), "opt": log, "delta_norm": float(delta.norm()),
-                "reference_norm": float(clean[mlp].norm())}
+                "reference_norm": float(clean[mlp].norm()), "key": k_star.tolist()}
         return WeightDelta.from_model(model, {(layer, "value"): part}, method=self.name,
                                       hparams=hp.to_dict(), requests=[request], info=info)

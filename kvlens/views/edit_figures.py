@@ -4,7 +4,10 @@
   paraphrases and its neighbours;
 * :func:`key_shift_bars` — the memory coefficients at one token before vs after an edit;
 * :func:`part_norm_bars` — ‖ΔW‖ of each edited weight (each layer's share of a MEMIT update);
-* :func:`optimisation_curve` — the loss per optimisation step, where the method records it;
+* :func:`optimisation_curve` — inside the optimisation: NLL, KL, norm penalty and ‖δ‖ vs its clamp
+  per step (ROME / MEMIT), or the loss per step (fine-tuning, LoRA);
+* :func:`layer_shares` — MEMIT: each layer's share of the residual, and what is left after the edit;
+* :func:`key_bars` — the key an update was computed for, and where the update writes;
 * :func:`norm_history_lines` — ‖W‖ of every edited weight after each sequential edit;
 * :func:`trace_difference` — a causal trace after an edit minus the trace before it.
 """
@@ -75,20 +78,123 @@ def part_norm_bars(delta: WeightDelta) -> go.Figure:
     return fig
 
 
-def optimisation_curve(delta: WeightDelta) -> go.Figure | None:
-    """The loss at every optimisation step, when the method records one per step (FT, LoRA).
+_CURVES = (("nll", "NLL of the new target"), ("kl", "KL essence term"), ("decay", "norm penalty"),
+           ("norm", "‖δ‖ (dashed: its clamp)"))
 
-    ROME and MEMIT record only each request's final loss and step count; for them this
-    returns None (see :func:`optimisation_rows`).
+
+def optimisation_curve(delta: WeightDelta, *, max_lines: int = 8) -> go.Figure | None:
+    """The optimisation inside an edit, step by step; None if the method recorded no steps.
+
+    ROME / MEMIT (target vector, ROME Eq. 4 / MEMIT Eq. 16): per request, the target NLL, the
+    KL essence term, the norm penalty and ‖δ‖ against its clamp (dashed), up to ``max_lines``
+    requests (more: the mean over the requests still optimising at each step). Fine-tuning and
+    LoRA: the total loss (NLL + KL) per step.
     """
     opt = delta.info.get("opt") or {}
-    loss = opt.get("loss")
-    steps = opt.get("steps")
+    curves = opt.get("curves")
+    if isinstance(curves, Mapping) and any(len(c) > 1 for c in curves.get("nll", [])):
+        return _target_curves(delta, curves, opt.get("max_norm") or [], max_lines)
+    loss, steps = opt.get("loss"), opt.get("steps")
     if not isinstance(loss, list) or not isinstance(steps, int) or len(loss) != steps or steps < 2:
         return None
     fig = go.Figure(go.Scatter(x=list(range(1, len(loss) + 1)), y=loss, mode="lines+markers", name="loss"))
     fig.update_layout(title=f"{delta.method}: loss per optimisation step", xaxis_title="step",
                       yaxis_title="loss (NLL + KL)", yaxis_type="log", height=300)
+    return fig
+
+
+def _target_curves(delta: WeightDelta, curves: Mapping[str, list[list[float]]], max_norm: Sequence[float],
+                   max_lines: int) -> go.Figure:
+    from plotly.subplots import make_subplots
+
+    n = len(curves["nll"])
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[title for _, title in _CURVES], horizontal_spacing=0.06)
+    if n <= max_lines:
+        names = [_short(f"{q.text} → {q.target_new}", 30) for q in delta.requests[:n]]
+        series = {k: list(curves[k]) for k, _ in _CURVES}
+        bounds = list(max_norm)
+    else:  # the mean over the requests still optimising at each step
+        names = [f"mean of {n} requests"]
+        series = {k: [_mean_per_step(curves[k])] for k, _ in _CURVES}
+        bounds = [sum(max_norm) / len(max_norm)] if max_norm else []
+    palette = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f", "#4e342e", "#ad1457"]
+    for col, (key, _) in enumerate(_CURVES, start=1):
+        for i, values in enumerate(series[key]):
+            color = palette[i % len(palette)]
+            fig.add_trace(go.Scatter(x=list(range(1, len(values) + 1)), y=values, mode="lines", name=names[i],
+                                     legendgroup=names[i], showlegend=col == 1, line=dict(color=color)),
+                          row=1, col=col)
+            if key == "norm" and i < len(bounds) and values:
+                fig.add_trace(go.Scatter(x=[1, len(values)], y=[bounds[i]] * 2, mode="lines", showlegend=False,
+                                         legendgroup=names[i], line=dict(color=color, dash="dash"),
+                                         hovertemplate="clamp %{y:.3g}<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(title_text="step", row=1, col=col)
+    fig.update_layout(title=f"{delta.method}: inside the target-vector optimisation", height=340,
+                      legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+def _mean_per_step(per_request: Sequence[Sequence[float]]) -> list[float]:
+    longest = max((len(c) for c in per_request), default=0)
+    out = []
+    for step in range(longest):
+        alive = [c[step] for c in per_request if len(c) > step]
+        out.append(sum(alive) / len(alive))
+    return out
+
+
+def layer_shares(delta: WeightDelta) -> go.Figure | None:
+    """MEMIT: each layer's share of the residual z − h^L (Eq. 20), and what the edit left over."""
+    shares = delta.info.get("layer_shares")
+    if not shares:
+        return None
+    layers = [f"L{r['layer']}" for r in shares]
+    fig = go.Figure([
+        go.Bar(x=layers, y=[r["share"] for r in shares], name="assigned ‖r^l‖ / ‖z − h‖",
+               text=[f"{100 * r['share']:.0f}%" for r in shares], textposition="outside",
+               marker_color=_COLORS["after"]),
+        go.Scatter(x=layers, y=[r["remaining"] / max(1e-12, shares[0]["remaining"]) for r in shares],
+                   mode="lines+markers", name="still to insert before the layer", line=dict(color="#c62828")),
+    ])
+    left = delta.info.get("remaining_after")
+    note = f"; left after the edit: {left / max(1e-12, shares[0]['remaining']):.0%}" if left is not None else ""
+    fig.update_layout(title=f"{delta.method}: each layer's share of the residual{note}", height=320,
+                      xaxis_title="edited layer", yaxis_title="fraction of mean ‖z − h^L‖", yaxis_tickformat=".0%")
+    return fig
+
+
+def key_bars(delta: WeightDelta, *, request: int = 0, top: int = 20) -> go.Figure | None:
+    """The key the update was computed for: its largest memory coefficients, and where ΔV writes.
+
+    Bars: k* (ROME; MEMIT: k_i^l at the top edited layer), the key averaged over prefix
+    contexts, for the ``top`` memories with the largest |k*|; line: the update's left factor
+    (ROME: C⁻¹k*; MEMIT: column i of (λC + KKᵀ)⁻¹K), rescaled to the same largest value.
+    """
+    if "key" in delta.info:
+        layer, key = delta.layers[0], delta.info["key"]
+    elif delta.info.get("keys"):
+        layer = max(int(l) for l in delta.info["keys"])
+        shown = delta.info["keys"][str(layer)]
+        if request >= len(shown):
+            return None
+        key = shown[request]
+    else:
+        return None
+    import torch
+
+    k = torch.as_tensor(key, dtype=torch.float32)
+    order = k.abs().argsort(descending=True)[:top]
+    fig = go.Figure(go.Bar(x=[f"m{int(i)}" for i in order], y=k[order].tolist(), name="k* (key coefficient)",
+                           marker_color=_COLORS["after"]))
+    part = delta.parts.get((layer, "value"))
+    if part is not None and part.rank is not None and request < part.left.shape[1]:
+        u = part.left[:, request].float()
+        scale = float(k[order].abs().max()) / max(1e-12, float(u[order].abs().max()))
+        fig.add_trace(go.Scatter(x=[f"m{int(i)}" for i in order], y=(u[order] * scale).tolist(), mode="markers",
+                                 name="where ΔV writes (left factor, rescaled)", marker=dict(color="#c62828", size=9)))
+    req = delta.requests[min(request, len(delta.requests) - 1)]
+    fig.update_layout(title=_short(f"{delta.method}: key at layer {layer} for {req.subject!r}", 70), height=320,
+                      xaxis_title=f"memory (top {len(order)} by |k*|)", yaxis_title="coefficient")
     return fig
 
 

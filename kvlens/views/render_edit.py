@@ -51,6 +51,15 @@ def _delta(result: WeightDelta) -> list[Section]:
     if curve is not None or any(len(r) > 1 for r in opt_rows):
         sections.append(Section(f"Edit: {result.method}, optimisation", table=opt_rows, figure=curve,
                                 params={"method": result.method}))
+    shares = edit_figures.layer_shares(result)
+    if shares is not None:
+        sections.append(Section(f"Edit: {result.method}, each layer's share of the residual",
+                                table=[dict(r) for r in result.info["layer_shares"]], figure=shares,
+                                params={"method": result.method}))
+    key = edit_figures.key_bars(result)
+    if key is not None:
+        sections.append(Section(f"Edit: {result.method}, the key the update was computed for", figure=key,
+                                params={"method": result.method}))
     return sections
 
 

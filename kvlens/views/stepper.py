@@ -112,10 +112,12 @@ class EditStepper(App):
         self.probs, self.key_fig = figure_widget(height=380), figure_widget(height=320)
         self.parts_fig, self.opt_fig = figure_widget(height=300), figure_widget(height=300)
         self.norms_fig, self.trace_fig = figure_widget(height=300), figure_widget(height=420)
+        self.shares_fig, self.edit_key_fig = figure_widget(height=10), figure_widget(height=10)
         self.metrics, self.inside = widgets.HTML(), widgets.HTML()
         self.retrace_button = widgets.Button(description="Re-trace (estimate)")
         tabs = widgets.Tab(children=[self.probs, self.key_fig, self.metrics,
-                                     widgets.VBox([self.parts_fig, self.inside, self.opt_fig]), self.norms_fig,
+                                     widgets.VBox([self.parts_fig, self.inside, self.opt_fig, self.shares_fig,
+                                                   self.edit_key_fig]), self.norms_fig,
                                      widgets.VBox([self.retrace_button, self.trace_fig])])
         for i, title in enumerate(["probabilities", "key activations", "metrics", "inside the edit",
                                    "weight norms", "re-trace"]):
@@ -238,10 +240,12 @@ class EditStepper(App):
         note = f"{step.delta.method} computed in {seconds:.1f} s; per-request optimisation record:"
         self.inside.value = (table_html(outcome_rows(step.delta)) + f"<p>{html.escape(note)}</p>"
                              + table_html(edit_figures.optimisation_rows(step.delta)))
-        curve = edit_figures.optimisation_curve(step.delta)
-        if curve is not None:
-            show_figure(self.opt_fig, curve)
-        self.opt_fig.layout.height = 300 if curve is not None else 10
+        for widget, fig in ((self.opt_fig, edit_figures.optimisation_curve(step.delta)),
+                            (self.shares_fig, edit_figures.layer_shares(step.delta)),
+                            (self.edit_key_fig, edit_figures.key_bars(step.delta))):
+            if fig is not None:
+                show_figure(widget, fig)
+            widget.layout.height = fig.layout.height if fig is not None else 10
 
     def retrace(self, mode: str = "approx") -> None:
         """Trace the last edited fact before and after its edit; show the difference heatmap."""
