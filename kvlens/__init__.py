@@ -34,7 +34,7 @@ from kvlens.evaluate import EditReport, evaluate
 from kvlens.experiments import compare_methods, keys_vs_values, scaling
 from kvlens.memory.activations import KeyActivations, TopMemories, keys
 from kvlens.memory.contrib import Contributions, contributions
-from kvlens.memory.intervene import Intervention, intervene
+from kvlens.memory.intervene import Intervention, Prediction, intervene, predict
 from kvlens.memory.lens import Composition, LogitLens, composition, logit_lens
 from kvlens.memory.triggers import TriggerExamples, trigger_examples
 from kvlens.memory.vocab import FoundMemories, VocabProjection, find_memories, values
@@ -69,7 +69,7 @@ __all__ = [
     "SeveredTrace", "Site", "TopMemories", "TraceSummary", "TriggerExamples",
     "UnknownArchitectureError", "ValueFT", "VocabProjection", "WeightDelta", "available_methods", "cache_dir",
     "compare_methods", "composition", "contributions", "corpus", "evaluate", "find_memories", "get_arch",
-    "get_method", "intervene", "keys", "keys_vs_values", "load", "load_bundled", "load_counterfact",
+    "get_method", "intervene", "predict", "Prediction", "keys", "keys_vs_values", "load", "load_bundled", "load_counterfact",
     "load_json", "load_reference_texts", "load_zsre", "logit_lens", "metrics", "noise_scale",
     "register_arch", "register_method", "registered_types", "scaling", "sever", "suggest_edit_layers",
     "trace", "trace_many", "trigger_examples", "values", "wrap", *_LAZY,

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import torch
 
 from kvlens.models.kvmodel import Batch, KVModel
 
@@ -238,17 +237,6 @@ def token_windows(model: KVModel, corpus: Corpus, *, window: int = 128, max_toke
                 return
 
 
-def to_batch(windows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Right-padded :class:`Batch` of token windows (``prompts`` are empty strings)."""
-    width = max(len(w) for w in windows)
-    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, w in enumerate(windows):
-        ids[row, : len(w)] = torch.tensor(list(w), dtype=torch.long)
-        mask[row, : len(w)] = 1
-    return Batch(ids.to(device), mask.to(device), ("",) * len(windows))
-
-
 def batches(model: KVModel, corpus: Corpus, *, batch_size: int = 8, window: int = 128,
             max_tokens: int | None = None) -> Iterator[Batch]:
     """:func:`token_windows` grouped into right-padded batches on the model's device."""
@@ -258,7 +246,7 @@ def batches(model: KVModel, corpus: Corpus, *, batch_size: int = 8, window: int 
     for w in token_windows(model, corpus, window=window, max_tokens=max_tokens):
         pending.append(w)
         if len(pending) == batch_size:
-            yield to_batch(pending, model.tokenizer.pad_token_id, model.device)
+            yield Batch.from_ids(pending, model.tokenizer.pad_token_id, model.device)
             pending = []
     if pending:
-        yield to_batch(pending, model.tokenizer.pad_token_id, model.device)
+        yield Batch.from_ids(pending, model.tokenizer.pad_token_id, model.device)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kvlens.prompts import check_template
+from kvlens.prompts import check_template, continuation
 
 COUNTERFACT_HUB_ID = "azhx/counterfact"
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "counterfact_mini.json"
@@ -101,10 +101,6 @@ def _get(record: dict, path: str, where: str) -> Any:
     return value
 
 
-def _space(text: str) -> str:
-    return text if text.startswith(" ") else " " + text
-
-
 def from_record(record: dict, index: int = 0) -> EvalCase:
     """An :class:`EvalCase` from one CounterFact or zsRE (MEND) record; errors name the record and field."""
     if not isinstance(record, dict):
@@ -116,8 +112,8 @@ def from_record(record: dict, index: int = 0) -> EvalCase:
         return EvalCase(
             case_id=record.get("case_id", index), prompt=rw("prompt"), subject=rw("subject"),
             # ROME's evaluator prepends a space to both targets; keep one already there.
-            target_new=_space(rw("target_new.str")),
-            target_true=None if true == "<|endoftext|>" else _space(true),
+            target_new=continuation(rw("target_new.str")),
+            target_true=None if true == "<|endoftext|>" else continuation(true),
             relation_id=record["requested_rewrite"].get("relation_id", ""),
             paraphrase_prompts=_get(record, "paraphrase_prompts", where),
             neighborhood_prompts=_prompts(_get(record, "neighborhood_prompts", where)),
@@ -134,16 +130,16 @@ def from_record(record: dict, index: int = 0) -> EvalCase:
             raise ValueError(f"{where} has an empty 'answers' list")
         return EvalCase(
             case_id=record.get("case_id", index), prompt=src.replace(subject, "{}", 1), subject=subject,
-            target_new=_space(answers[0]), target_true=None, relation_id="zsre",
+            target_new=continuation(answers[0]), target_true=None, relation_id="zsre",
             paraphrase_prompts=[_get(record, "rephrase", where)],
             neighborhood_prompts=[_get(record, "loc", where) + "?"],
-            neighborhood_targets=[_space(_get(record, "loc_ans", where))],
+            neighborhood_targets=[continuation(_get(record, "loc_ans", where))],
             source="zsre", extra={"record": record})
     if {"prompt", "subject", "target_new"} <= set(record):
         true = record.get("target_true")
         return EvalCase(
             case_id=record.get("case_id", index), prompt=record["prompt"], subject=record["subject"],
-            target_new=_space(record["target_new"]), target_true=None if true is None else _space(true),
+            target_new=continuation(record["target_new"]), target_true=None if true is None else continuation(true),
             relation_id=record.get("relation_id", ""),
             paraphrase_prompts=record.get("paraphrase_prompts", []),
             neighborhood_prompts=record.get("neighborhood_prompts", []),
@@ -216,8 +212,8 @@ def as_cases(items: EvalCase | dict | Any | Sequence[Any]) -> list[EvalCase]:
             new, true = item.target_new, getattr(item, "target_true", None)
             new = getattr(new, "str", new)
             true = getattr(true, "str", true)
-            out.append(EvalCase(getattr(item, "case_id", i), item.prompt, item.subject, _space(new),
-                                None if true is None else _space(true),
+            out.append(EvalCase(getattr(item, "case_id", i), item.prompt, item.subject, continuation(new),
+                                None if true is None else continuation(true),
                                 relation_id=getattr(item, "relation_id", "") or ""))
         else:
             raise TypeError(f"request {i} is a {type(item).__name__}: pass EvalCase objects, CounterFact/zsRE "

@@ -22,6 +22,7 @@ from kvlens.metrics import (CONVENTIONS, Estimate, TfIdf, argmax_agreement, effi
                             harmonic_ci, magnitude, mean_ci, neighborhood_success, paraphrase_success,
                             reference_score, token_accuracy)
 from kvlens.models.kvmodel import Batch, KVModel, Site
+from kvlens.prompts import continuation_ids
 from kvlens.tracing import run
 
 
@@ -61,15 +62,6 @@ class TargetScore:
         return bool(self.hits[0])
 
 
-def _target_ids(model: KVModel, target: str) -> list[int]:
-    if not isinstance(target, str) or not target.strip():
-        raise ValueError(f"empty target {target!r}: give the object string, e.g. ' Paris'")
-    ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenizes to no tokens")
-    return list(ids)
-
-
 def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str], *,
                   batch_size: int = 32) -> list[TargetScore]:
     """Teacher-forced log-probabilities of ``targets[i]`` right after ``prompts[i]``.
@@ -91,7 +83,7 @@ def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str]
     for p in prompts:
         if p not in prompt_cache:
             prompt_cache[p] = model.tokenize(p).input_ids[0].tolist()
-    target_ids = [_target_ids(model, t) for t in targets]
+    target_ids = [continuation_ids(model, t) for t in targets]
     contexts: dict[tuple[int, ...], int] = {}
     row_of = []
     for p, t in zip(prompts, target_ids):
@@ -106,13 +98,7 @@ def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str]
     pad = model.tokenizer.pad_token_id
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(rows[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            ids[r, : len(rows[i])] = torch.tensor(rows[i])
-            mask[r, : len(rows[i])] = 1
-        batch = Batch(ids.to(model.device), mask.to(model.device), tuple(str(i) for i in chunk))
+        batch = Batch.from_ids([rows[i] for i in chunk], pad, model.device, [str(i) for i in chunk])
         logits = run(model, batch, read=[Site("logits")])[Site("logits")]
         for r, row in enumerate(chunk):
             for i in pairs_of_row[row]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 
 CONVENTIONS: dict[str, str] = {
     "counterfact": "ROME/MEMIT CounterFact: length-normalised teacher-forced NLL of target_new vs target_true",
@@ -228,15 +229,30 @@ class Estimate:
         return f"{self.mean:.1f} [{self.low:.1f}, {self.high:.1f}]"
 
 
-def mean_ci(values: Sequence[float], convention: str, *, scale: float = 1.0, z: float = 1.959964,
+Z95 = 1.959964  # two-sided 95 % normal quantile
+
+
+def mean_half_width(x: torch.Tensor, z: float = Z95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over dim 0 and the CI half-width ``z · sd / sqrt(n)`` (sd with ddof=1), NaN ignored.
+
+    Half-width 0 where one value is present; mean NaN where none is.
+    """
+    ok = ~x.isnan()
+    n = ok.sum(0).clamp(min=1)
+    mean = torch.where(ok, x, 0).sum(0) / n
+    var = torch.where(ok, (x - mean) ** 2, 0).sum(0) / (n - 1).clamp(min=1)
+    return torch.where(ok.any(0), mean, math.nan), z * var.sqrt() / n.sqrt()
+
+
+def mean_ci(values: Sequence[float], convention: str, *, scale: float = 1.0, z: float = Z95,
             bounds: tuple[float, float] | None = None) -> Estimate:
-    """Mean and normal-approximation 95 % CI, ``mean ± z · sd / sqrt(n)`` (sd with ddof=1).
+    """Mean and normal-approximation 95 % CI, ``mean ± z · sd / sqrt(n)`` (:func:`mean_half_width`).
 
     ``bounds`` (after scaling) clip the interval to the metric's range, e.g. (0, 100) for rates.
     """
     a = _array(values, "mean_ci") * scale
-    mean = float(a.mean())
-    half = z * float(a.std(ddof=1)) / math.sqrt(a.size) if a.size > 1 else 0.0
+    mean_t, half_t = mean_half_width(torch.as_tensor(a, dtype=torch.float64), z)
+    mean, half = float(mean_t), float(half_t)
     low, high = mean - half, mean + half
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])

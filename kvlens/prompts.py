@@ -31,6 +31,24 @@ def fill(template: str, subject: str) -> str:
     return template.replace("{}", subject)
 
 
+def continuation(text: str) -> str:
+    """``text`` as it follows a prompt: with a leading space unless it has one (ROME's convention).
+
+    ``"Paris"`` -> ``" Paris"``; the same rule for edit targets, trace targets and evaluation.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty target {text!r}: give the expected continuation, e.g. ' Paris'")
+    return text if text[0].isspace() else " " + text
+
+
+def continuation_ids(model: KVModel, text: str) -> list[int]:
+    """Token ids of ``text`` as it follows a prompt (see :func:`continuation`); never empty."""
+    ids = list(model.tokenizer(continuation(text), add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError(f"target {text!r} turns into no tokens with this tokenizer")
+    return ids
+
+
 @dataclass(frozen=True)
 class SubjectSpan:
     """The tokens of ``subject`` in ``prompt``: ``start <= t < end`` (model token positions)."""

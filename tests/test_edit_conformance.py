@@ -238,3 +238,28 @@ def test_target_optimisation_records_curves_shares_and_keys():
     solved = torch.linalg.solve(extra["stats"][1].double(), k_star.double()).float()
     torch.testing.assert_close(u / u.norm(), solved / solved.norm(), rtol=1e-4, atol=1e-5)  # u ∝ C⁻¹k*
     assert edit_figures.layer_shares(r) is None and edit_figures.key_bars(r) is not None
+
+
+def test_lora_interrupted_mid_injection_leaves_the_model_as_it_was(monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    m = tiny("llama")
+    m.hf.peft_config = {"mine": "kept"}  # a user's attribute survives the edit
+    snap, types = snapshot(m), {n: type(mod) for n, mod in m.hf.named_modules()}
+    real, calls = LoraModel._create_and_replace, []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "_create_and_replace", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        LoRA(role="value", layers=(0, 1), steps=1).compute(m, REQS[:1], report=False)
+    assert len(calls) == 2
+    assert {n: type(mod) for n, mod in m.hf.named_modules()} == types and not changed(m, snap)
+    assert m.hf.peft_config == {"mine": "kept"}
+    monkeypatch.undo()
+    d = LoRA(role="value", layers=(0, 1), steps=1).compute(m, REQS[:1], report=False)
+    assert m.hf.peft_config == {"mine": "kept"} and not changed(m, snap) and d.layers == [0, 1]

@@ -7,7 +7,7 @@ import pytest
 from kvlens import corpus as kc
 from kvlens import tracing
 from kvlens.memory import activations, contrib, intervene, lens, triggers, vocab
-from kvlens.models.kvmodel import Site
+from kvlens.models.kvmodel import Batch, Site
 
 PROMPT = "The capital of France is"
 TOP_LAYERS = list(range(22, 30))
@@ -62,7 +62,7 @@ def test_trigger_examples_recompute_in_descending_order(embedded, tmp_cache):
     head = kc.head_ids(embedded)
     for ex in examples:
         assert ex.ids[: len(head)] == head and ex.text.endswith(ex.token.strip())
-        batch = kc.to_batch([ex.ids], embedded.tokenizer.pad_token_id)
+        batch = Batch.from_ids([ex.ids], embedded.tokenizer.pad_token_id)
         coef = tracing.run(embedded, batch, read=[Site("key", 2)], stop=True)[Site("key", 2)][0, -1, 100]
         assert float(coef) == pytest.approx(ex.coefficient, rel=1e-3, abs=1e-4)
 

@@ -235,6 +235,7 @@ def test_composition_readings_and_stats(m):
         assert row["memory_agreement"] + row["no_memory_agreement"] == pytest.approx(1.0)
         assert 0 <= row["p_final"] <= 1
     assert comp.stats()[-1]["after_predicts_final"] == 1.0  # the last residual read by the head is the model
+    assert comp.first_layer(0) is not None
     logits = vocab.to_vocab(m, step_residual(m, PROMPTS[0], 1), "final")
     assert step.before == int(logits.argmax())
     active = lens.composition(m, PROMPTS[:1], layers=[1], k=None)
@@ -246,4 +247,3 @@ def step_residual(m, prompt, layer):
     batch = m.tokenize(prompt)
     states = tracing.run(m, batch, read=[Site("resid", layer), Site("mlp", layer)])
     return (states[Site("resid", layer)] - states[Site("mlp", layer)])[0, -1]
-    assert comp.first_layer(0) is not None

@@ -10,7 +10,7 @@ import torch
 from kvlens import corpus as kc
 from kvlens import tracing
 from kvlens.memory import triggers
-from kvlens.models.kvmodel import Site
+from kvlens.models.kvmodel import Batch, Site
 from tests.conftest import tiny
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
@@ -30,7 +30,7 @@ def small(tmp_path):
 
 
 def _coefficient(m, ids, layer, memory):
-    batch = kc.to_batch([ids], m.tokenizer.pad_token_id)
+    batch = Batch.from_ids([ids], m.tokenizer.pad_token_id)
     return float(tracing.run(m, batch, read=[Site("key", layer)])[Site("key", layer)][0, -1, memory])
 
 
@@ -38,7 +38,7 @@ def _brute_force(m, corpus, layer, memory, window):
     """Each window's largest coefficient of the memory, highest first (one window at a time)."""
     values = []
     for ids in kc.token_windows(m, corpus, window=window, max_tokens=None):
-        batch = kc.to_batch([ids], m.tokenizer.pad_token_id)
+        batch = Batch.from_ids([ids], m.tokenizer.pad_token_id)
         coef = tracing.run(m, batch, read=[Site("key", layer)])[Site("key", layer)][0, :, memory]
         values.append(float(coef.max()))
     return sorted(values, reverse=True)

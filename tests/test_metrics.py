@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from kvlens import metrics as M
 
@@ -97,3 +98,11 @@ def test_repetition_lowers_ge_of_the_bundled_fluency_sample():
     for p in paragraphs:
         first = p.split(". ")[0] + ". "
         assert M.ngram_entropy(p) > M.ngram_entropy(first * 5) > 0
+
+
+def test_mean_half_width_ignores_nan_per_column():
+    x = torch.tensor([[1.0, math.nan], [3.0, 2.0]], dtype=torch.float64)
+    mean, half = M.mean_half_width(x)
+    assert mean.tolist() == [2.0, 2.0]
+    assert half[0] == pytest.approx(M.Z95 * math.sqrt(2) / math.sqrt(2)) and half[1] == 0
+    assert math.isnan(float(M.mean_half_width(torch.tensor([[math.nan]]))[0][0]))

@@ -101,3 +101,21 @@ def test_errors_are_inline_and_leave_the_model_untouched(app):
     assert same(app.model, original)
     app.retrace()
     assert "apply an edit first" in app.error_text
+
+
+def test_inside_the_edit_shows_the_target_optimisation_layer_shares_and_key():
+    from kvlens.editing import MEMIT, Contexts, MEMITHparams, TargetOpt
+
+    warnings.simplefilter("ignore")
+    hp = MEMITHparams(layers=(0, 1), lam=1.0, opt=TargetOpt(steps=4, clamp=4.0), contexts=Contexts(n=1, tokens=2),
+                      stats_tokens=2000)
+    app = EditStepper(tiny("llama"), [EditRequest("{} lives in", "Bob", " Rome", " Oslo")],
+                      methods={"MEMIT": lambda: MEMIT(hp)})
+    app.next()
+    assert app.error_text == ""
+    steps = len(app.steps[0].delta.info["opt"]["curves"]["nll"][0])
+    names = [t.name for t in app.opt_fig.data]
+    assert len(names) == 5 and len(app.opt_fig.data[0].y) == steps  # NLL, KL, penalty, ‖δ‖ and its clamp
+    assert "share of the residual" in app.shares_fig.layout.title.text
+    assert app.shares_fig.data[0].x == ("L0", "L1")
+    assert app.edit_key_fig.data[0].name.startswith("k*") and app.edit_key_fig.layout.height > 10

@@ -17,9 +17,10 @@ import torch
 
 from kvlens.causal.severed import SeveredTrace, sever
 from kvlens.causal.trace import CausalTrace, check_kinds, trace
-from kvlens.models.kvmodel import KVModel, Site
+from kvlens.metrics import mean_half_width
+from kvlens.memory.intervene import predict
+from kvlens.models.kvmodel import KVModel
 from kvlens.prompts import fill
-from kvlens.tracing import run
 
 GROUPS = ("first subject token", "middle subject tokens", "last subject token",
           "first subsequent token", "further tokens", "last token")
@@ -50,15 +51,6 @@ def group_effects(tr: CausalTrace, kind: str) -> torch.Tensor:
     return torch.stack([eff[list(s)].mean(0) if len(s) else nan for s in spans])
 
 
-def mean_ci(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and 95 % CI half-width over dim 0, ignoring NaN (half-width 0 with one value)."""
-    ok = ~x.isnan()
-    n = ok.sum(0).clamp(min=1)
-    mean = torch.where(ok, x, 0).sum(0) / n
-    var = torch.where(ok, (x - mean) ** 2, 0).sum(0) / (n - 1).clamp(min=1)
-    mean = torch.where(ok.any(0), mean, math.nan)
-    return mean, 1.96 * var.sqrt() / n.sqrt()
-
 
 @dataclass
 class TraceSummary:
@@ -83,15 +75,8 @@ class TraceSummary:
         """Mean and CI half-width per layer of each severed-path effect curve."""
         if not self.severed:
             raise ValueError("no severed paths in this summary: call trace_many(..., sever=True)")
-        stats = {c: mean_ci(torch.stack([s.effect(c) for s in self.severed])) for c in self.severed[0].curves}
+        stats = {c: mean_half_width(torch.stack([s.effect(c) for s in self.severed])) for c in self.severed[0].curves}
         return {c: m for c, (m, _) in stats.items()}, {c: h for c, (_, h) in stats.items()}
-
-
-def _top1(model: KVModel, prompt: str) -> int:
-    batch = model.tokenize(prompt)
-    with torch.no_grad():
-        logits = run(model, batch, read=[Site("logits")])[Site("logits")]
-    return int(logits[0, -1].argmax())
 
 
 def _known(model: KVModel, prompt: str, target: str | None) -> bool:
@@ -100,7 +85,7 @@ def _known(model: KVModel, prompt: str, target: str | None) -> bool:
         return True
     from kvlens.causal.setup import target_ids
 
-    return _top1(model, prompt) == target_ids(model, target)[0]
+    return predict(model, prompt, 1).ids[0] == target_ids(model, target)[0]
 
 
 def trace_many(model: KVModel, facts: Iterable[Any], *, kind: str | Sequence[str] = "all",
@@ -135,7 +120,7 @@ def trace_many(model: KVModel, facts: Iterable[Any], *, kind: str | Sequence[str
         raise ValueError(f"no fact was traced: all {len(facts)} were skipped (the model does not predict "
                          "their targets; pass only_correct=False to trace them anyway)")
     per_fact = {k: torch.stack([group_effects(t, k) for t in traces]) for k in kinds}
-    stats = {k: mean_ci(v) for k, v in per_fact.items()}
+    stats = {k: mean_half_width(v) for k, v in per_fact.items()}
     return TraceSummary(kinds, GROUPS, per_fact, {k: m for k, (m, _) in stats.items()},
                         {k: h for k, (_, h) in stats.items()}, kept, skipped, traces, severed,
                         dict(options, only_correct=only_correct, model=model.name))

@@ -14,8 +14,6 @@ ROME's metric). Without a target, the clean run's top-1 next token is used.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -24,7 +22,7 @@ import torch
 
 from kvlens.causal.resume import RunStates, check_head, full_run, head_logits
 from kvlens.models.kvmodel import KVModel
-from kvlens.prompts import SubjectSpan, subject_span
+from kvlens.prompts import SubjectSpan, continuation_ids, subject_span
 
 #: Subjects over which the default noise scale is measured (ROME pools its ``knowns`` subjects).
 DEFAULT_SUBJECTS: tuple[str, ...] = (
@@ -40,31 +38,16 @@ DEFAULT_SUBJECTS: tuple[str, ...] = (
 LOW_CLEAN_PROBABILITY = 1e-3
 
 
-def noise_scale(model: KVModel, subjects: Sequence[str] | None = None, *, cache: bool = True) -> float:
+def noise_scale(model: KVModel, subjects: Sequence[str] | None = None) -> float:
     """σ: the standard deviation of the token embeddings of ``subjects`` (all entries pooled).
 
-    ROME's ``collect_embedding_std`` over its known facts. Cached on disk (under
-    :func:`kvlens.cache_dir`) keyed by the model's layer-0 fingerprint, the embedding shape
-    and the subject list.
+    ROME's ``collect_embedding_std`` over its known facts. It reads ~100 embedding rows, so it
+    is computed each time (no cache to go stale when the model or its tokenizer changes).
     """
     subjects = tuple(subjects or DEFAULT_SUBJECTS)
-    emb = model.embedding.weight
-    key = hashlib.sha256("\n".join((model.fingerprint(layers=[0]), str(tuple(emb.shape)), *subjects))
-                         .encode()).hexdigest()
-    from kvlens.models.loading import cache_dir
-
-    path = cache_dir() / "causal" / "noise_scale.json"
-    table = json.loads(path.read_text()) if cache and path.exists() else {}
-    if key in table:
-        return float(table[key])
     ids = [i for s in subjects for i in model.tokenizer(s, add_special_tokens=False)["input_ids"]]
     with torch.no_grad():
-        sigma = float(model.embedding(torch.tensor(ids, device=model.device)).float().std())
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table[key] = sigma
-        path.write_text(json.dumps(table, indent=1))
-    return sigma
+        return float(model.embedding(torch.tensor(ids, device=model.device)).float().std())
 
 
 def target_ids(model: KVModel, target: str | int | Sequence[int]) -> list[int]:
@@ -74,12 +57,7 @@ def target_ids(model: KVModel, target: str | int | Sequence[int]) -> list[int]:
     if isinstance(target, int):
         ids = [target]
     elif isinstance(target, str):
-        if not target.strip():
-            raise ValueError(f"empty target {target!r}: give the expected continuation, e.g. ' Paris'")
-        text = target if target[0].isspace() else " " + target
-        ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise ValueError(f"target {target!r} turns into no tokens with this tokenizer")
+        ids = continuation_ids(model, target)
     else:
         ids = [int(i) for i in target]
         if not ids:

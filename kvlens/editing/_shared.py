@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from kvlens import tracing
-from kvlens.corpus import to_batch
 from kvlens.editing.hparams import Contexts
 from kvlens.editing.request import EditRequest
 from kvlens.models.kvmodel import Batch, KVModel, Site
-from kvlens.prompts import subject_span
+from kvlens.prompts import continuation_ids, subject_span
 
 _STARTERS = ("The", "Therefore", "Because", "I", "You")  # MEMIT's generation seeds
 KL_PROMPT = "{} is a"  # ROME's essence prompt
@@ -52,10 +51,7 @@ def context_templates(model: KVModel, contexts: Contexts) -> tuple[str, ...]:
 
 def target_ids(model: KVModel, request: EditRequest) -> list[int]:
     """Token ids of the request's new target (with its leading space, as ROME does)."""
-    ids = list(model.tokenizer(request.target_text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise ValueError(f"target {request.target_new!r} has no tokens")
-    return ids
+    return continuation_ids(model, request.target_new)
 
 
 @dataclass(frozen=True)
@@ -122,7 +118,7 @@ def build_rows(model: KVModel, requests: Sequence[EditRequest], templates: Seque
             span = subject_span(model, KL_PROMPT, req.subject)
             meta.append((i, span.last, -1))
             ids.append(model.tokenize(span.prompt).input_ids[0].tolist())
-    base = to_batch(ids, model.tokenizer.pad_token_id, model.device)
+    base = Batch.from_ids(ids, model.tokenizer.pad_token_id, model.device)
     m = torch.tensor(meta, dtype=torch.long)
     t = torch.tensor([x[:3] for x in tgt], dtype=torch.long)
     return Rows(base, m[:, 0], m[:, 1], m[:, 2], t[:, 0], t[:, 1], t[:, 2],

@@ -73,10 +73,13 @@ class LoRA(EditMethod):
         names = target_modules(model, hp.role, layers)
         config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=names,
                             bias="none", fan_in_fan_out=model.spec.conv1d, init_lora_weights=True)
-        with torch.random.fork_rng():  # peft draws A from the global RNG: seed it, leave it as it was
-            torch.manual_seed(hp.contexts.seed)
-            lora = LoraModel(model.hf, config, "default")
+        had_config = hasattr(model.hf, "peft_config")  # peft writes into it: set it aside meanwhile
+        saved_config = model.hf.__dict__.pop("peft_config", None) if had_config else None
+        lora = None
         try:
+            with torch.random.fork_rng():  # peft draws A from the global RNG: seed it, leave it as it was
+                torch.manual_seed(hp.contexts.seed)
+                lora = LoraModel(model.hf, config, "default")
             modules = [model.hf.get_submodule(n) for n in names]
             log = self._train(model, rows, modules, hp)
             parts = {(l, hp.role): lora_part(m, hp.role, m.scaling["default"]) for l, m in zip(layers, modules)}
@@ -84,8 +87,14 @@ class LoRA(EditMethod):
                 merged = m.get_delta_weight("default").float()
                 if not torch.allclose(model.stored(parts[(layer, role)].dense(), role), merged, atol=1e-5, rtol=1e-4):
                     raise RuntimeError(f"LoRA factors of layer {layer} {role} disagree with peft's merged weight")
-        finally:
-            lora.unload()
+        finally:  # also after an interrupt mid-injection: the model gets its own modules back
+            if lora is not None:
+                lora.unload()
+            else:
+                _restore_modules(model.hf)
+            model.hf.__dict__.pop("peft_config", None)
+            if had_config:
+                model.hf.peft_config = saved_config
             model.hf.requires_grad_(False)
         return WeightDelta.from_model(model, parts, method=self.name, hparams=hp.to_dict(), requests=requests,
                                       info={"contexts": list(templates), "opt": log, "target_modules": names})
@@ -102,6 +111,16 @@ class LoRA(EditMethod):
         finally:
             for m in modules:
                 m.eval()
+
+
+def _restore_modules(root: torch.nn.Module) -> None:
+    """Put back the base layer of every LoRA wrapper peft had injected before it was interrupted."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(root.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, child, module.get_base_layer())
 
 
 class LoRAKeys(LoRA):

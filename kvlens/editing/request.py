@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvlens.prompts import check_template, fill
+from kvlens.prompts import check_template, continuation, fill
 
 
 def _check_text(name: str, value: Any) -> str:
@@ -69,7 +69,7 @@ class EditRequest:
     @property
     def target_text(self) -> str:
         """``target_new`` as it is tokenized after the prompt (with its leading space)."""
-        return self.target_new if self.target_new[0].isspace() else " " + self.target_new
+        return continuation(self.target_new)
 
     @property
     def key(self) -> tuple[str, str]:

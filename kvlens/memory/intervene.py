@@ -106,6 +106,17 @@ def _prediction(model: KVModel, probs: torch.Tensor, k: int) -> Prediction:
     return Prediction(ids, model.token_strings(ids), top.values.tolist())
 
 
+def predict(model: KVModel, prompt: str, k: int = 10) -> Prediction:
+    """The model's top-``k`` next tokens after ``prompt``, as it is now (edits applied included)."""
+    if not isinstance(prompt, str):
+        raise TypeError("predict takes one prompt (a string)")
+    check_k(k)
+    batch = model.tokenize(prompt)
+    with torch.no_grad():
+        logits = tracing.run(model, batch, read=[Site("logits")])[Site("logits")]
+    return _prediction(model, tracing.at_last_token(batch, logits)[0].float().softmax(-1), k)
+
+
 def intervene(model: KVModel, prompt: str, scales: Mapping[MemoryId, float], *, k: int = 10,
               positions: Positions = "all", target: str | int | None = None) -> Intervention:
     """Run ``prompt`` with the coefficients of ``scales``' memories multiplied by their factor.

@@ -281,7 +281,6 @@ def find_memories(model: KVModel, token: str | int, layers: Sequence[int] | None
         raise ValueError(f"by must be 'logit' or 'zscore', got {by!r}")
     chosen = check_layers(model, layers)
     tid, text = resolve_token(model, token)
-    E = unembedding_matrix(model)
     scores: dict[int, torch.Tensor] = {}
     for layer in chosen:
         V = model.V(layer).detach().float()

@@ -79,6 +79,20 @@ class Batch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @classmethod
+    def from_ids(cls, rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu",
+                 prompts: Sequence[str] | None = None) -> "Batch":
+        """Token-id rows right-padded with ``pad_id`` (``prompts`` default to empty strings)."""
+        if not rows:
+            raise ValueError("a batch needs at least one row of token ids")
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return cls(ids.to(device), mask.to(device), tuple(prompts) if prompts is not None else ("",) * len(rows))
+
     def inputs(self) -> dict[str, torch.Tensor]:
         """Keyword inputs for the model's forward."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
@@ -284,14 +298,7 @@ class KVModel:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"empty prompt {p!r}: every prompt must contain text")
         enc = [self.tokenizer(self.prefix + p, add_special_tokens=True)["input_ids"] for p in prompts]
-        width = max(len(e) for e in enc)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for row, e in enumerate(enc):
-            ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
-            mask[row, : len(e)] = 1
-        return Batch(ids.to(self.device), mask.to(self.device), prompts)
+        return Batch.from_ids(enc, self.tokenizer.pad_token_id, self.device, prompts)
 
     def token_strings(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
         """Each id decoded on its own (for labels)."""

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import torch
 
-from kvlens import tracing
 from kvlens.causal.trace import trace
 from kvlens.datasets import EvalCase, load_bundled
 from kvlens.editing import ROME, KeyFT
@@ -26,7 +25,8 @@ from kvlens.editing.request import EditRequest
 from kvlens.evaluate import evaluate
 from kvlens.memory.activations import keys
 from kvlens.memory.vocab import find_memories, values
-from kvlens.models.kvmodel import KVModel, Site
+from kvlens.memory.intervene import predict
+from kvlens.models.kvmodel import KVModel
 from kvlens.views import eval_figures
 from kvlens.views.report import Report, Section
 
@@ -55,12 +55,9 @@ def find_case(case_id: int) -> EvalCase:
 
 def prediction_section(model: KVModel, prompt: str, k: int = 10) -> Section:
     """The model's top-``k`` next tokens after ``prompt``."""
-    batch = model.tokenize(prompt)
-    logits = tracing.run(model, batch, read=[Site("logits")])[Site("logits")]
-    probs = tracing.at_last_token(batch, logits)[0].float().softmax(-1)
-    top = probs.topk(k)
-    rows = [{"rank": r + 1, "token": model.tokenizer.decode([int(i)]), "id": int(i), "probability": float(p)}
-            for r, (p, i) in enumerate(zip(top.values, top.indices))]
+    pred = predict(model, prompt, k)
+    rows = [{"rank": r + 1, "token": t, "id": i, "probability": p}
+            for r, (i, t, p) in enumerate(zip(pred.ids, pred.tokens, pred.probs))]
     return Section("Prediction", text=f"Prompt: {prompt!r}", table=rows,
                    params={"prompt": prompt, "prefix": model.prefix, "k": k})
 
