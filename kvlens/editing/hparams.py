@@ -9,7 +9,7 @@ files use ``v_weight_decay 0.5`` with a normalized decay and ``kl_factor 0.0625`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 
@@ -228,8 +228,3 @@ def preset_for(presets: dict[str, Any], model_name: str) -> Any | None:
         if norm(key.replace("-constr", "")) in name:
             return presets[key]
     return None
-
-
-def with_role(hp: Any, role: str) -> Any:
-    """``hp`` with another role (for key / value variants of one preset)."""
-    return replace(hp, role=role)

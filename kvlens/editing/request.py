@@ -7,7 +7,7 @@ into that template (its first occurrence of the subject becomes ``{}``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,7 +116,3 @@ def check_requests(requests: EditRequest | Iterable[EditRequest]) -> tuple[EditR
     if not out:
         raise ValueError("no edit requests given")
     return tuple(out)
-
-
-def requests_to_json(requests: Sequence[EditRequest]) -> list[dict[str, str | None]]:
-    return [r.to_dict() for r in requests]
