@@ -164,12 +164,22 @@ def rows_per_chunk(model: KVModel, setup: Setup, memory: int | None) -> int:
 
 def exact_scores(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int,
                  memory: int | None = None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """``p(target)`` per cell, exactly as :func:`plain_scores`, from the cached corrupted run."""
+    """``p(target)`` per cell, exactly as :func:`plain_scores`, from the cached corrupted run.
+
+    Cells before the subject need no forward at all: the noise only touches subject tokens, so
+    there the clean and corrupted states are the same, and restoring one changes nothing (their
+    score is the corrupted probability).
+    """
     scores = torch.empty(len(cells), dtype=torch.float64)
     per_chunk = max(1, rows_per_chunk(model, setup, memory) // setup.samples)
     by_token: dict[int, list[int]] = {}
     for i, cell in enumerate(cells):
-        by_token.setdefault(cell.token, []).append(i)
+        if cell.token < setup.span.start:
+            scores[i] = setup.low
+        else:
+            by_token.setdefault(cell.token, []).append(i)
+    if progress is not None and len(cells) > sum(map(len, by_token.values())):
+        progress(len(cells) - sum(map(len, by_token.values())))
     for t, idx in by_token.items():
         plans = {i: plan(cells[i], window, model.n_layers) for i in idx}
         idx = sorted(idx, key=lambda i: plans[i].start)
