@@ -23,6 +23,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from kvlens.views.report import write_page
+
 #: Files taken from the npm folder, relative to its ``node_modules``.
 REQUIRE_JS = Path("requirejs/require.js")
 EMBED_AMD = Path("@jupyter-widgets/html-manager/dist/embed-amd.js")
@@ -90,10 +92,4 @@ def export_notebook(notebook: str | Path, out: str | Path, *, js_dir: str | Path
                                 extra_template_basedirs=[tmp], require_js_url=data_url(modules / REQUIRE_JS),
                                 widget_renderer_url=data_url(modules / EMBED_AMD))
         body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": source.stem}})
-    target = Path(out).expanduser()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(body, encoding="utf-8")
-    except OSError as exc:
-        raise OSError(f"cannot write the exported notebook to {target}: {exc.strerror or exc}") from exc
-    return target.resolve()
+    return write_page(out, body, "the exported notebook")

@@ -106,6 +106,17 @@ th{background:#f3f3f3}details{margin:.5em 0;color:#555}pre{background:#f7f7f7;pa
 """
 
 
+def write_page(path: str | Path, text: str, what: str) -> Path:
+    """Write ``text`` to ``path`` (folders created); a clear error naming ``what`` if it cannot."""
+    target = Path(path).expanduser()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OSError(f"cannot write {what} to {target}: {exc.strerror or exc}") from exc
+    return target.resolve()
+
+
 class Report:
     """An HTML report assembled from results: ``Report(title).add(trace, delta, scores).save(path)``."""
 
@@ -172,14 +183,7 @@ class Report:
 
     def save(self, path: str | Path) -> Path:
         """Write the report to ``path`` (folders created); a clear error if it cannot be written."""
-        path = Path(path).expanduser()
-        text = self.to_html()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise OSError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
-        return path.resolve()
+        return write_page(path, self.to_html(), "the report")
 
     def _repr_html_(self) -> str:  # a notebook shows the section list, not the whole page
         items = "".join(f"<li>{html.escape(s.title)}</li>" for s in self.sections)
