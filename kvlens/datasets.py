@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from kvlens.bundled_data import data_dir
 from kvlens.prompts import check_template, continuation
 
 COUNTERFACT_HUB_ID = "azhx/counterfact"
-BUNDLED = Path(__file__).resolve().parents[1] / "data" / "counterfact_mini.json"
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -252,9 +252,7 @@ def save_json(cases: Sequence[EvalCase], path: str | os.PathLike[str]) -> Path:
 
 def load_bundled(limit: int | None = None) -> list[EvalCase]:
     """The facts shipped in ``data/counterfact_mini.json`` (known by the embedded model)."""
-    if not BUNDLED.is_file():
-        raise FileNotFoundError(f"the bundled fact set is not at {BUNDLED}: use a source checkout of kvlens")
-    return load_json(BUNDLED, limit)
+    return load_json(data_dir() / "counterfact_mini.json", limit)
 
 
 # ---- the hub -----------------------------------------------------------------------------------
@@ -321,7 +319,6 @@ def load_zsre(source: str, **kwargs: Any) -> list[EvalCase]:
     return load_hub(source, kind="zsRE", **kwargs)
 
 
-REFERENCE_TEXTS = BUNDLED.parent / "reference_texts.json"
 
 
 def load_reference_texts(path: str | os.PathLike[str] | None = None) -> dict[str, list[str]]:
@@ -330,7 +327,7 @@ def load_reference_texts(path: str | os.PathLike[str] | None = None) -> dict[str
     Default: ``data/reference_texts.json``, written for every object of the bundled set (CC0).
     Keys starting with ``_`` (notes) are skipped.
     """
-    path = Path(path).expanduser() if path is not None else REFERENCE_TEXTS
+    path = Path(path).expanduser() if path is not None else data_dir() / "reference_texts.json"
     if not path.is_file():
         raise FileNotFoundError(f"no reference-text file at {path}")
     data = json.loads(path.read_text(encoding="utf-8"))
