@@ -40,13 +40,32 @@ def exact_vs_plain(model, samples: int, skip_plain: bool) -> dict:
     exact, t_exact = timed(trace, model, PROMPT, SUBJECT, mode="exact", **opts)
     row = dict(prompt=PROMPT, subject=SUBJECT, tokens=len(exact.tokens), layers=exact.n_layers,
                kinds=list(exact.kinds), samples=samples, cells=len(exact.tokens) * exact.n_layers * 3,
-               exact_seconds=round(t_exact, 2), p_clean=exact.high, p_corrupted=exact.low)
+               exact_seconds=round(t_exact, 2), p_clean=exact.high, p_corrupted=exact.low,
+               layer_work_fraction=work_fraction(exact.n_layers, len(exact.tokens), exact.subject_range[0]))
     if not skip_plain:
         plain, t_plain = timed(trace, model, PROMPT, SUBJECT, mode="plain", per_forward=1, **opts)
         diff = max(float((exact.scores[k] - plain.scores[k]).abs().max()) for k in exact.kinds)
         row.update(plain_per_cell_seconds=round(t_plain, 2), speedup=round(t_plain / t_exact, 2),
                    max_abs_difference=diff)
     return row
+
+
+def work_fraction(n_layers: int, tokens: int, subject_start: int, window: int = 10) -> dict:
+    """Decoder-layer work of the exact mode over the plain loop, counted in (layer, position) units.
+
+    A plain cell runs every layer at every position; an exact cell runs layers ``>= start`` at
+    positions ``>= t`` (none before the subject). Counted from the cell plans, not timed; the
+    plain loop also computes the logits at every position, the exact mode at the scored ones.
+    """
+    from kvlens.causal.cells import KINDS, Cell, plan
+
+    out = {}
+    for kind in KINDS:
+        done = sum((n_layers - plan(Cell(kind, l, t), window, n_layers).start) * (tokens - t)
+                   for l in range(n_layers) for t in range(subject_start, tokens))
+        out[kind] = round(done / (n_layers * tokens * n_layers * tokens), 3)
+    out["all"] = round(sum(out[k] for k in KINDS) / len(KINDS), 3)
+    return out
 
 
 def approx_agreement(model, n_facts: int, samples: int, save=lambda partial: None) -> dict:
