@@ -211,7 +211,7 @@ class _Adam:
 
 
 def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Tensor, opt: Any, *,
-                     skip_fixed: bool = True) -> tuple[torch.Tensor, dict[str, list[float]]]:
+                     skip_fixed: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """δ_i added to the residual after ``layer`` at each request's subject-last token (Eq. 16).
 
     Loss per request: NLL(target) + KL + ``wd · ‖δ‖/‖ref‖²``; the total is a *sum* over requests

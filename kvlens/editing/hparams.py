@@ -90,8 +90,9 @@ class MEMITHparams:
     ``lam``: λ of Eq. 15 (``mom2_update_weight``). ``z_batch``: requests whose z are optimised in
     one batched optimisation (None: all at once; 1: one by one as in the paper); it bounds the
     memory of the backward pass (activations of z_batch x (contexts + 2) prompts).
-    ``skip_fixed``: replay the layers up to L from a cache instead of recomputing them (they do
-    not depend on δ) and decode only the target positions.
+    ``skip_fixed``: skip what δ cannot change (:func:`kvlens.tracing.prefix_run`): replay layers up
+    to L from one cached run, compute the layers above only from each row's subject token on, and
+    decode only the target positions.
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)

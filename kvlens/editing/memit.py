@@ -2,8 +2,8 @@
 
 1. Target vectors (Eq. 16): z_i = h^L_i + δ_i at the top layer L = max(R), for *all* requests in
    one batched optimisation (``z_batch`` requests per batch; the paper did them one by one).
-   Layers ≤ L do not depend on δ: their outputs are cached once and replayed without
-   computation (``skip_fixed``), and only target positions are decoded.
+   Layers ≤ L, and positions before each row's last subject token, do not depend on δ: they
+   are computed once and replayed (``skip_fixed``), and only target positions are decoded.
 2. For each l ∈ R in ascending order, with the updates of the layers below already in place:
    keys k_i^l averaged over contexts (Eq. 19), residual r_i^l = (z_i − h^L_i) / (L − l + 1)
    (Eq. 20, spread over the remaining layers), and (canonical orientation, C_l = E[kkᵀ])::
