@@ -15,11 +15,16 @@ _MARKER = "counterfact_mini.json"
 
 
 def candidates() -> list[Path]:
-    """The folders searched, in order: the checkout, the environment's prefix, the user's base."""
-    out = [Path(__file__).resolve().parent.parent / "data", Path(sys.prefix) / "share" / "kvlens" / "data"]
+    """The folders searched, in order: the checkout, the prefix kvlens is installed under
+    (``<prefix>/lib/pythonX.Y/site-packages/kvlens``), the environment's prefix, the user's base."""
+    here = Path(__file__).resolve()
+    out = [here.parent.parent / "data"]
+    if len(here.parents) > 4:
+        out.append(here.parents[4] / "share" / "kvlens" / "data")
+    out.append(Path(sys.prefix) / "share" / "kvlens" / "data")
     if site.USER_BASE:
         out.append(Path(site.USER_BASE) / "share" / "kvlens" / "data")
-    return out
+    return list(dict.fromkeys(out))
 
 
 def data_dir() -> Path:

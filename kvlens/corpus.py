@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-
 from kvlens.bundled_data import data_dir
 from kvlens.models.kvmodel import Batch, KVModel
 
@@ -70,7 +69,7 @@ class Corpus:
                 n += 1
                 yield text
 
-    def head(self, n: int) -> "Corpus":
+    def head(self, n: int) -> Corpus:
         """The same corpus cut to its first ``n`` documents (with its own id)."""
         return replace(self, max_documents=n)
 

@@ -101,6 +101,14 @@ def _get(record: dict, path: str, where: str) -> Any:
     return value
 
 
+def _target(text: Any, where: str, field: str) -> str:
+    """A target as it follows the prompt (leading space); errors name the record and field."""
+    try:
+        return continuation(text)
+    except ValueError as exc:
+        raise ValueError(f"{where}, field {field!r}: {exc}") from exc
+
+
 def from_record(record: dict, index: int = 0) -> EvalCase:
     """An :class:`EvalCase` from one CounterFact or zsRE (MEND) record; errors name the record and field."""
     if not isinstance(record, dict):
@@ -112,8 +120,8 @@ def from_record(record: dict, index: int = 0) -> EvalCase:
         return EvalCase(
             case_id=record.get("case_id", index), prompt=rw("prompt"), subject=rw("subject"),
             # ROME's evaluator prepends a space to both targets; keep one already there.
-            target_new=continuation(rw("target_new.str")),
-            target_true=None if true == "<|endoftext|>" else continuation(true),
+            target_new=_target(rw("target_new.str"), where, "requested_rewrite.target_new.str"),
+            target_true=None if true == "<|endoftext|>" else _target(true, where, "requested_rewrite.target_true.str"),
             relation_id=record["requested_rewrite"].get("relation_id", ""),
             paraphrase_prompts=_get(record, "paraphrase_prompts", where),
             neighborhood_prompts=_prompts(_get(record, "neighborhood_prompts", where)),
@@ -130,16 +138,17 @@ def from_record(record: dict, index: int = 0) -> EvalCase:
             raise ValueError(f"{where} has an empty 'answers' list")
         return EvalCase(
             case_id=record.get("case_id", index), prompt=src.replace(subject, "{}", 1), subject=subject,
-            target_new=continuation(answers[0]), target_true=None, relation_id="zsre",
+            target_new=_target(answers[0], where, "answers"), target_true=None, relation_id="zsre",
             paraphrase_prompts=[_get(record, "rephrase", where)],
             neighborhood_prompts=[_get(record, "loc", where) + "?"],
-            neighborhood_targets=[continuation(_get(record, "loc_ans", where))],
+            neighborhood_targets=[_target(_get(record, "loc_ans", where), where, "loc_ans")],
             source="zsre", extra={"record": record})
     if {"prompt", "subject", "target_new"} <= set(record):
         true = record.get("target_true")
         return EvalCase(
             case_id=record.get("case_id", index), prompt=record["prompt"], subject=record["subject"],
-            target_new=continuation(record["target_new"]), target_true=None if true is None else continuation(true),
+            target_new=_target(record["target_new"], where, "target_new"),
+            target_true=None if true is None else _target(true, where, "target_true"),
             relation_id=record.get("relation_id", ""),
             paraphrase_prompts=record.get("paraphrase_prompts", []),
             neighborhood_prompts=record.get("neighborhood_prompts", []),
@@ -317,8 +326,6 @@ def load_zsre(source: str, **kwargs: Any) -> list[EvalCase]:
     There is no single canonical hub copy of that file, so ``source`` is required.
     """
     return load_hub(source, kind="zsRE", **kwargs)
-
-
 
 
 def load_reference_texts(path: str | os.PathLike[str] | None = None) -> dict[str, list[str]]:

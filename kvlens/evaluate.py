@@ -18,9 +18,21 @@ import numpy as np
 import torch
 
 from kvlens.datasets import EvalCase, as_cases
-from kvlens.metrics import (CONVENTIONS, Estimate, TfIdf, argmax_agreement, efficacy_success, generation_entropy,
-                            harmonic_ci, magnitude, mean_ci, neighborhood_success, paraphrase_success,
-                            reference_score, token_accuracy)
+from kvlens.metrics import (
+    CONVENTIONS,
+    Estimate,
+    TfIdf,
+    argmax_agreement,
+    efficacy_success,
+    generation_entropy,
+    harmonic_ci,
+    magnitude,
+    mean_ci,
+    neighborhood_success,
+    paraphrase_success,
+    reference_score,
+    token_accuracy,
+)
 from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.prompts import continuation_ids
 from kvlens.tracing import run
@@ -66,9 +78,10 @@ def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str]
                   batch_size: int = 32) -> list[TargetScore]:
     """Teacher-forced log-probabilities of ``targets[i]`` right after ``prompts[i]``.
 
-    The prompt is tokenized as :meth:`KVModel.tokenize` does (with the model's prefix) and
-    the target on its own (no special tokens), so a target written with its leading space
-    (``" Paris"``) is scored on exactly the tokens the model would emit. Pairs whose context
+    The prompt is tokenized as :meth:`KVModel.tokenize` does (with the model's prefix) and the
+    target as it follows the prompt, without special tokens and with a leading space if it has
+    none (ROME's convention, :func:`kvlens.prompts.continuation`: ``"Paris"`` and ``" Paris"``
+    are both scored as ``" Paris"``, the tokens the model would emit). Pairs whose context
     (prompt + all but the last target token) is the same share one forward row, so
     single-token targets after one prompt cost one row. Rows are sorted by length and run in
     batches of ``batch_size`` right-padded rows through :func:`kvlens.tracing.run`.

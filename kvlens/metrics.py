@@ -174,7 +174,7 @@ class TfIdf:
     idf: np.ndarray
 
     @staticmethod
-    def fit(corpus: Sequence[str]) -> "TfIdf":
+    def fit(corpus: Sequence[str]) -> TfIdf:
         if not corpus:
             raise ValueError("TfIdf.fit needs a non-empty corpus of documents")
         docs = [set(_TFIDF_TOKEN.findall(d.lower())) for d in corpus]

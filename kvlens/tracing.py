@@ -160,10 +160,12 @@ class Prefix:
     upto: int
     start: torch.Tensor  # [R] long
     batch: Batch
+    positions: torch.Tensor  # [R, W] true position of each suffix column (padding: the row's last)
     top: object  # layer ``upto``'s output as it returns it (tensor or tuple), its states in suffix layout
     past_mask: torch.Tensor  # [R, P]
-    keys: tuple[torch.Tensor, ...]  # per layer [R, heads, P, head_dim]; empty when P == 0
-    values: tuple[torch.Tensor, ...]
+    # per layer [R, heads, P, head_dim]; None for layers 1..upto (skipped: never read); () when P == 0
+    keys: tuple[torch.Tensor | None, ...]
+    values: tuple[torch.Tensor | None, ...]
 
     def select(self, rows: torch.Tensor) -> Prefix:
         """The prefix of ``rows`` only (suffix width trimmed to them)."""
@@ -175,34 +177,49 @@ class Prefix:
         def pick(x: Any) -> Any:  # the other outputs of the layer (e.g. GPT-J's attention weights)
             return x[rows.to(x.device)] if isinstance(x, torch.Tensor) and x.shape[0] == len(self.start) else x
 
+        def past(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows.to(x.device)]
+
         b = self.batch
         top = (cut(self.top[0]), *map(pick, self.top[1:])) if isinstance(self.top, tuple) else cut(self.top)
         return Prefix(self.upto, self.start[rows], Batch(cut(b.input_ids), cut(b.attention_mask),
                                                           tuple(b.prompts[i] for i in rows.tolist())),
-                      top, self.past_mask[rows.to(self.past_mask.device)],
-                      tuple(k[rows.to(k.device)] for k in self.keys), tuple(v[rows.to(v.device)] for v in self.values))
+                      cut(self.positions), top, self.past_mask[rows.to(self.past_mask.device)],
+                      tuple(map(past, self.keys)), tuple(map(past, self.values)))
 
     def inputs(self, model: KVModel) -> dict[str, Any]:
         """Forward keyword arguments: suffix ids, past + suffix mask, true positions, a fresh cache."""
         b = self.batch
-        width = b.input_ids.shape[1]
         dev = b.input_ids.device
         out: dict[str, Any] = {"input_ids": b.input_ids,
                                "attention_mask": torch.cat([self.past_mask.to(dev), b.attention_mask], 1),
-                               "position_ids": self.start.to(dev).view(-1, 1) + torch.arange(width, device=dev)}
+                               "position_ids": self.positions.to(dev)}
         if self.keys:
             cache = DynamicCache(config=model.config)
             for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-                cache.update(k, v, layer)
+                # skipped layers hold layer 0's past: never read, but the cache reports its length
+                cache.update(self.keys[0] if k is None else k, self.values[0] if v is None else v, layer)
             out["past_key_values"] = cache
             out["use_cache"] = True
         return out
 
 
+def attention_window(model: KVModel) -> int | None:
+    """The smallest sliding attention window of any layer (None: every layer attends to all)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
 def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | None = None) -> Prefix:
     """Run ``batch`` once (no grad) and keep what a change after layer ``upto`` at ``start`` leaves fixed.
 
-    ``start[r]`` (default 0: only the layers are skipped) must lie inside row ``r``'s prompt.
+    ``start[r]`` (default 0: only the layers are skipped) must lie inside row ``r``'s prompt. With
+    a sliding attention window no longer than the batch, positions are not skipped (the cached
+    keys/values would be cut to the window): only the layers are.
     """
     upto = model.check_layer(upto)
     lengths = batch.lengths.cpu()
@@ -210,40 +227,48 @@ def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | No
     if len(start) != len(batch) or bool((start < 0).any()) or bool((start >= lengths).any()):
         raise ValueError(f"prefix start positions must lie inside each prompt (lengths {lengths.tolist()}), "
                          f"got {start.tolist()}")
+    window = attention_window(model)
+    if window is not None and window <= batch.input_ids.shape[1] + 1:
+        start = torch.zeros_like(start)
     past_len, width = int(start.max()), int((lengths - start).max())
-    with torch.no_grad(), model.nn.trace(**batch.inputs(), use_cache=past_len > 0) as tracer:
+    cache = DynamicCache(config=model.config) if past_len > 0 else None
+    last = Site("resid", model.n_layers - 1)
+    with torch.no_grad(), model.nn.trace(**batch.inputs(), past_key_values=cache, use_cache=cache is not None) as tracer:
         envoy, _ = model.envoy(Site("resid", upto))
         top = nnsight.save(envoy.output)
-        if past_len > 0:
-            cache = nnsight.save(model.nn.output.past_key_values)
-        else:
-            tracer.stop()
+        if cache is not None and upto < last.layer:  # every layer fills the cache; the head is not needed
+            model.envoy(last)[0].output
+        tracer.stop()
     dev = batch.input_ids.device
     suffix = (start.view(-1, 1) + torch.arange(width)).to(dev)
     suffix_mask = (suffix < lengths.to(dev).view(-1, 1)).long()
     suffix = torch.minimum(suffix, (lengths - 1).to(dev).view(-1, 1))
     past = (start.view(-1, 1) - past_len + torch.arange(past_len)).to(dev)
     past_mask = (past >= 0).long()
-    keys: tuple[torch.Tensor, ...] = ()
-    values: tuple[torch.Tensor, ...] = ()
-    if past_len > 0:
+    keys: tuple[torch.Tensor | None, ...] = ()
+    values: tuple[torch.Tensor | None, ...] = ()
+    if cache is not None:
         index = past.clamp_min(0).view(len(batch), 1, past_len, 1)
-        layers = [cache.layers[j] for j in range(model.n_layers)]
-        keys = tuple(l.keys.gather(2, index.expand(-1, l.keys.shape[1], -1, l.keys.shape[3])) for l in layers)
-        values = tuple(l.values.gather(2, index.expand(-1, l.values.shape[1], -1, l.values.shape[3]))
-                       for l in layers)
+
+        def gather(x: torch.Tensor) -> torch.Tensor:
+            return x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[3]))
+
+        kept = [j == 0 or j > upto for j in range(model.n_layers)]
+        keys = tuple(gather(cache.layers[j].keys) if kept[j] else None for j in range(model.n_layers))
+        values = tuple(gather(cache.layers[j].values) if kept[j] else None for j in range(model.n_layers))
     ids = batch.input_ids.gather(1, suffix) * suffix_mask
     rows = torch.arange(len(batch), device=dev).view(-1, 1)
     top = (top[0][rows, suffix], *top[1:]) if isinstance(top, tuple) else top[rows, suffix]
-    return Prefix(upto, start, Batch(ids, suffix_mask, batch.prompts), top, past_mask, keys, values)
+    return Prefix(upto, start, Batch(ids, suffix_mask, batch.prompts), suffix, top, past_mask, keys, values)
 
 
 def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, read: Iterable[Site] = (),
                  grad: bool = False, stop: bool = False) -> dict[Site, torch.Tensor]:
     """Resume ``prefix``: layers ``0..prefix.upto`` replay its cached output, the rest computes.
 
-    The replayed state first goes through ``top`` (e.g. :func:`add_at` with a leaf ``delta``, at
-    column 0 = each row's start position), so states above depend on it and can carry gradients.
+    The replayed state first goes through ``top`` (e.g. :func:`add_at` with a leaf ``delta``; in
+    suffix layout, so position ``p`` of row ``r`` is column ``p - start[r]``), so states above
+    depend on it and can carry gradients.
     MEMIT's z optimisation needs only this part. ``read`` must name sites above ``prefix.upto``;
     the states returned are in suffix layout.
     """

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import tiny
+
 from kvlens.causal import noise_scale, rank_correlation, sever, suggest_edit_layers, trace, trace_many
 from kvlens.causal.cells import KINDS, SEVERED, Cell, exact_scores, plain_scores, window_layers
 from kvlens.causal.many import GROUPS
@@ -226,8 +226,9 @@ def test_post_processed_logits_are_traced_consistently_before_post_processing(mo
     # is normalised before the residual, which editing does not support); a user registers it for tracing.
     from dataclasses import replace
 
-    import kvlens
     from conftest import TINY_CONFIGS
+
+    import kvlens
     from kvlens.models import registry
 
     monkeypatch.setitem(registry._REGISTRY, "gemma2", replace(kvlens.get_arch("llama"), model_type="gemma2"))

@@ -142,8 +142,11 @@ def test_bad_statistics_refused_untouched():
     assert not changed(m, snap)
 
 
-def test_memit_batched_z_equals_one_by_one():
-    m = tiny("llama")
+@pytest.mark.parametrize(("family", "overrides"), [("llama", {}), ("gpt2", {}), ("gptj", {}),
+                                                   ("mistral", {"sliding_window": 4})])
+def test_memit_batched_z_equals_one_by_one(family, overrides):
+    """Batched z with cached layers and positions equals the paper's one-by-one full forwards."""
+    m = tiny(family, **overrides)
     hp = MEMITHparams(layers=(0, 1), opt=TargetOpt(steps=6, lr=0.5, clamp=4.0, weight_decay=0.0),
                       contexts=CTX, z_batch=None)
     rows = build_rows(m, REQS, ("{}", "Hi. {}"))
@@ -224,7 +227,7 @@ def test_target_optimisation_records_curves_shares_and_keys():
     # Eq. 20: the lowest layer gets 1/|R| of the residual, which is all still to insert
     assert shares[0]["share"] == pytest.approx(0.5, rel=1e-5)
     assert shares[0]["remaining"] == pytest.approx(sum(d.info["delta_norms"]) / 2, rel=1e-5)
-    assert len(d.info["keys"]["1"]) == 2 and len(d.info["keys"]["1"][0]) == m.d_ff
+    assert list(d.info["keys"]) == ["1"] and len(d.info["keys"]["1"]) == 2 and len(d.info["keys"]["1"][0]) == m.d_ff
     assert len(edit_figures.optimisation_curve(d).data) == 4 * 2 + 2  # 4 panels x 2 requests + 2 clamps
     assert [t.name for t in edit_figures.layer_shares(d).data][0].startswith("assigned")
     assert len(edit_figures.key_bars(d).data) == 2
@@ -238,6 +241,20 @@ def test_target_optimisation_records_curves_shares_and_keys():
     solved = torch.linalg.solve(extra["stats"][1].double(), k_star.double()).float()
     torch.testing.assert_close(u / u.norm(), solved / solved.norm(), rtol=1e-4, atol=1e-5)  # u ∝ C⁻¹k*
     assert edit_figures.layer_shares(r) is None and edit_figures.key_bars(r) is not None
+
+    # sequential batches: every request's curve, each batch's shares and keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seq = editor.compute(m, REQS, sequential_batch=1, **METHODS["memit"](m)[1], report=False)
+        two = rome.compute(m, REQS, **extra, report=False)
+    assert len(edit_figures.optimisation_curve(seq).data) == 4 * 2 + 2
+    assert "batch 2 of 2" in edit_figures.layer_shares(seq).layout.title.text
+    assert "batch 1 of 2" in edit_figures.layer_shares(seq, batch=0).layout.title.text
+    second = edit_figures.key_bars(two, request=1)
+    assert second is not None and "Bob" in second.layout.title.text
+    assert torch.equal(torch.tensor(second.data[0].y), torch.tensor(two.info["chunks"][1]["key"])[
+        torch.tensor(two.info["chunks"][1]["key"]).abs().argsort(descending=True)[:20]])
+    assert edit_figures.key_bars(two, request=2) is None
 
 
 def test_lora_interrupted_mid_injection_leaves_the_model_as_it_was(monkeypatch):
@@ -263,3 +280,17 @@ def test_lora_interrupted_mid_injection_leaves_the_model_as_it_was(monkeypatch):
     monkeypatch.undo()
     d = LoRA(role="value", layers=(0, 1), steps=1).compute(m, REQS[:1], report=False)
     assert m.hf.peft_config == {"mine": "kept"} and not changed(m, snap) and d.layers == [0, 1]
+
+
+def test_lora_refuses_a_model_that_already_holds_adapters():
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    m = tiny("llama")
+    LoraModel(m.hf, LoraConfig(r=2, target_modules=["q_proj"]), "mine")
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match="already holds peft adapters"):
+        LoRA(role="value", layers=(1,), steps=1).compute(m, REQS[:1], report=False)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert not changed(m, snap) and sum(isinstance(x, BaseTunerLayer) for x in m.hf.modules()) == m.n_layers

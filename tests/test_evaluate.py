@@ -6,8 +6,8 @@ import contextlib
 
 import pytest
 import torch
-
 from conftest import tiny
+
 from kvlens.datasets import EvalCase, load_bundled
 from kvlens.evaluate import EditReport, evaluate, score_targets
 
@@ -48,6 +48,8 @@ def test_score_targets_matches_a_plain_forward():
     n = len(model.tokenize("abc").input_ids[0])
     expected = [logp[n - 1 + j, ids[0, n + j]].item() for j in range(3)]
     assert scores[0].logprobs.tolist() == pytest.approx(expected, abs=1e-5)
+    # a target without a leading space gets one (the same rule as edit and trace targets)
+    assert list(scores[2].token_ids) == model.tokenizer(" !", add_special_tokens=False)["input_ids"]
     assert scores[1].logprobs[0] == pytest.approx(expected[0], abs=1e-5)  # shares the row
     assert scores[0].nll == pytest.approx(-sum(expected) / 3)
     assert scores[0].hits.tolist() == [int(logp[n - 1 + j].argmax()) == int(ids[0, n + j]) for j in range(3)]

@@ -80,24 +80,32 @@ def test_trainable_restores_flags(m):
     assert not w.requires_grad
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "qwen2"])
-def test_resuming_a_prefix_from_per_row_positions_equals_the_full_forward(family):
+CASES = [("gpt2", {}, 0), ("gptj", {}, 1), ("gpt_neox", {}, 0), ("llama", {}, 1), ("qwen2", {}, 0),
+         ("mistral", {"sliding_window": 4}, 0),  # a window shorter than the prompts: positions not skipped
+         ("mistral", {"sliding_window": 64}, 1)]
+
+
+@pytest.mark.parametrize(("family", "overrides", "upto"), CASES)
+def test_resuming_a_prefix_from_per_row_positions_equals_the_full_forward(family, overrides, upto):
     """Layers above ``upto`` at positions >= start[r], fed from the cache, give the full run's states."""
-    m = tiny(family)
+    m = tiny(family, **overrides)
     batch = m.tokenize(["a longer prompt here", "short", "mid size"])
     start = torch.tensor([6, 0, 3])
     delta = torch.randn(3, m.d_model)
     final = Site("resid", m.n_layers - 1)
     full = tracing.run(m, batch, read=[final],
-                       write={Site("resid", 0): tracing.add_at(torch.arange(3), start, delta)})[final]
-    prefix = tracing.prefix_run(m, batch, 0, start)
-    resumed = tracing.run_skipping(m, prefix, top=tracing.add_at(torch.arange(3), torch.zeros(3), delta),
+                       write={Site("resid", upto): tracing.add_at(torch.arange(3), start, delta)})[final]
+    prefix = tracing.prefix_run(m, batch, upto, start)
+    skipped = [0, 0, 0] if overrides.get("sliding_window") == 4 else start.tolist()
+    assert prefix.start.tolist() == skipped
+    cols = start - prefix.start  # where the change goes in suffix layout
+    resumed = tracing.run_skipping(m, prefix, top=tracing.add_at(torch.arange(3), cols, delta),
                                    read=[final])[final]
-    for r in range(3):
-        n = int(batch.lengths[r] - start[r])
-        torch.testing.assert_close(resumed[r, :n], full[r, start[r]:start[r] + n], rtol=1e-4, atol=1e-5)
+    for r, first in enumerate(skipped):
+        n = int(batch.lengths[r]) - first
+        torch.testing.assert_close(resumed[r, :n], full[r, first:first + n], rtol=1e-4, atol=1e-5)
     sub = prefix.select(torch.tensor([2]))
-    again = tracing.run_skipping(m, sub, top=tracing.add_at([0], [0], delta[2:]), read=[final])[final]
+    again = tracing.run_skipping(m, sub, top=tracing.add_at([0], cols[2:], delta[2:]), read=[final])[final]
     torch.testing.assert_close(again[0, :5], resumed[2, :5], rtol=1e-4, atol=1e-5)
 
 
@@ -105,3 +113,15 @@ def test_prefix_start_outside_a_prompt_is_refused(m):
     batch = m.tokenize(["abc", "a"])
     with pytest.raises(ValueError, match="inside each prompt"):
         tracing.prefix_run(m, batch, 0, torch.tensor([0, 5]))
+
+
+def test_prefix_of_a_prompt_near_the_position_limit():
+    """Padded suffix columns of a late-starting row keep positions inside the model's table."""
+    m = tiny("gpt2")  # 64 positions
+    batch = m.tokenize(["x" * 62, "short"])
+    start = torch.tensor([60, 0])
+    final = Site("resid", m.n_layers - 1)
+    full = tracing.run(m, batch, read=[final])[final]
+    resumed = tracing.run_skipping(m, tracing.prefix_run(m, batch, 1, start), top=lambda h: h, read=[final])[final]
+    torch.testing.assert_close(resumed[0, :2], full[0, 60:62], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(resumed[1, :5], full[1, :5], rtol=1e-4, atol=1e-5)

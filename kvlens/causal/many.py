@@ -17,8 +17,8 @@ import torch
 
 from kvlens.causal.severed import SeveredTrace, sever
 from kvlens.causal.trace import CausalTrace, check_kinds, trace
-from kvlens.metrics import mean_half_width
 from kvlens.memory.intervene import predict
+from kvlens.metrics import mean_half_width
 from kvlens.models.kvmodel import KVModel
 from kvlens.prompts import fill
 
@@ -49,7 +49,6 @@ def group_effects(tr: CausalTrace, kind: str) -> torch.Tensor:
              range(end, min(end + 1, last)), range(end + 1, last), range(last, last + 1)]
     nan = torch.full((eff.shape[1],), math.nan, dtype=eff.dtype)
     return torch.stack([eff[list(s)].mean(0) if len(s) else nan for s in spans])
-
 
 
 @dataclass

@@ -179,9 +179,9 @@ def forward_logprobs(model: KVModel, rows: Rows, delta: torch.Tensor | None, *, 
     n_rows = torch.arange(len(rows.request))
     kl_rows = rows.kl_rows
     if prefix is not None:
-        write = tracing.add_at(n_rows, torch.zeros_like(n_rows), delta) if delta is not None else (lambda s: s)
+        shift = prefix.start  # suffix layout: column i of row r is position start[r] + i
+        write = tracing.add_at(n_rows, rows.subject - shift, delta) if delta is not None else (lambda s: s)
         states = tracing.run_skipping(model, prefix, top=write, read=[final], grad=True, stop=True)
-        shift = prefix.start
     else:
         write = tracing.add_at(n_rows, rows.subject, delta) if delta is not None else (lambda s: s)
         states = tracing.run(model, rows.batch, write={Site("resid", layer): write}, read=[final], grad=True)

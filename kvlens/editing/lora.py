@@ -62,6 +62,13 @@ class LoRA(EditMethod):
     def check(self, model: KVModel, hp: LoRAHparams) -> None:
         check_layers(model, hp.layers)
         check_role(model, hp.role)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapted = [n for n, m in model.hf.named_modules() if isinstance(m, BaseTunerLayer)]
+        if adapted:
+            raise ValueError(f"the model already holds peft adapters ({adapted[:3]}{' ...' if len(adapted) > 3 else ''}); "
+                             "kvlens's LoRA edit would remove them when it unloads its own: merge them first "
+                             "(peft: model.merge_and_unload()) or edit a model without adapters")
 
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: LoRAHparams, **_: Any) -> WeightDelta:
         from peft import LoraConfig

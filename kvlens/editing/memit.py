@@ -36,7 +36,7 @@ from kvlens.editing.request import EditRequest
 from kvlens.memory.stats import resolve_moments
 from kvlens.models.kvmodel import KVModel, Site
 
-#: ``info["keys"]`` keeps the keys k_i^l (Eq. 19) of the first SHOWN_KEYS requests, for views.
+#: ``info["keys"]`` keeps the top layer's keys k_i^L (Eq. 19) of the first SHOWN_KEYS requests, for views.
 SHOWN_KEYS = 8
 
 
@@ -122,7 +122,7 @@ class MEMIT(EditMethod):
         top = Site("resid", hp.layers[-1])
         clean = rows.select(range(rows.n_requests), clean=True)
         parts: dict[tuple[int, str], Part] = {}
-        shares, keys_shown = [], {}
+        shares = []
         for i, layer in enumerate(hp.layers):
             key = Site("key", layer)
             if parts:
@@ -135,7 +135,8 @@ class MEMIT(EditMethod):
             parts[(layer, "value")] = self.layer_update(layer, moments[layer], keys, resid, hp)
             shares.append({"layer": layer, "remaining": (z - h_now).norm(dim=-1).mean().item(),
                            "assigned": resid.norm(dim=-1).mean().item()})
-            keys_shown[str(layer)] = keys[:SHOWN_KEYS].tolist()
+
+        keys_shown = {str(hp.layers[-1]): keys[:SHOWN_KEYS].tolist()}  # the top layer's, as drawn
         with self._partial(model, parts, requests).applied(model):
             h_after = subject_states(model, clean, [top])[top]
         total = (z - h).norm(dim=-1).mean().item()

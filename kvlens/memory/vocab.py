@@ -54,7 +54,7 @@ class FrozenNorm:
             parts = parts - parts.mean(-1, keepdim=True)
         return self.gain * parts / self.scale
 
-    def at(self, residual: torch.Tensor) -> "FrozenNorm":
+    def at(self, residual: torch.Tensor) -> FrozenNorm:
         """The same norm with its scale frozen at ``residual`` ``[d_model]``."""
         x = residual.float().to(self.gain.device)
         x = x - x.mean() if self.center else x

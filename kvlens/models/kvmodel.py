@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
-from torch import nn
 from nnsight.modeling.transformers import TransformersModel
+from torch import nn
 
 from kvlens.models.registry import get_arch
 from kvlens.models.spec import ArchSpec
@@ -81,7 +81,7 @@ class Batch:
 
     @classmethod
     def from_ids(cls, rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu",
-                 prompts: Sequence[str] | None = None) -> "Batch":
+                 prompts: Sequence[str] | None = None) -> Batch:
         """Token-id rows right-padded with ``pad_id`` (``prompts`` default to empty strings)."""
         if not rows:
             raise ValueError("a batch needs at least one row of token ids")
@@ -97,7 +97,7 @@ class Batch:
         """Keyword inputs for the model's forward."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
-    def repeat(self, n: int) -> "Batch":
+    def repeat(self, n: int) -> Batch:
         """Each row repeated ``n`` times (row-major: row 0 n times, then row 1, ...)."""
         return Batch(self.input_ids.repeat_interleave(n, 0),
                      self.attention_mask.repeat_interleave(n, 0),

@@ -90,10 +90,12 @@ def optimisation_curve(delta: WeightDelta, *, max_lines: int = 8) -> go.Figure |
     requests (more: the mean over the requests still optimising at each step). Fine-tuning and
     LoRA: the total loss (NLL + KL) per step.
     """
+    batches = [info.get("opt") or {} for _, info in _batches(delta)]
+    if batches and all(isinstance(b.get("curves"), Mapping) for b in batches):
+        curves = {k: [c for b in batches for c in b["curves"][k]] for k, _ in _CURVES}
+        if any(len(c) > 1 for c in curves["nll"]):
+            return _target_curves(delta, curves, [x for b in batches for x in b.get("max_norm") or []], max_lines)
     opt = delta.info.get("opt") or {}
-    curves = opt.get("curves")
-    if isinstance(curves, Mapping) and any(len(c) > 1 for c in curves.get("nll", [])):
-        return _target_curves(delta, curves, opt.get("max_norm") or [], max_lines)
     loss, steps = opt.get("loss"), opt.get("steps")
     if not isinstance(loss, list) or not isinstance(steps, int) or len(loss) != steps or steps < 2:
         return None
@@ -121,14 +123,14 @@ def _target_curves(delta: WeightDelta, curves: Mapping[str, list[list[float]]], 
     for col, (key, _) in enumerate(_CURVES, start=1):
         for i, values in enumerate(series[key]):
             color = palette[i % len(palette)]
-            fig.add_trace(go.Scatter(x=list(range(1, len(values) + 1)), y=values, mode="lines", name=names[i],
+            fig.add_trace(go.Scatter(x=list(range(len(values))), y=values, mode="lines", name=names[i],
                                      legendgroup=names[i], showlegend=col == 1, line=dict(color=color)),
                           row=1, col=col)
             if key == "norm" and i < len(bounds) and values:
-                fig.add_trace(go.Scatter(x=[1, len(values)], y=[bounds[i]] * 2, mode="lines", showlegend=False,
+                fig.add_trace(go.Scatter(x=[0, len(values) - 1], y=[bounds[i]] * 2, mode="lines", showlegend=False,
                                          legendgroup=names[i], line=dict(color=color, dash="dash"),
                                          hovertemplate="clamp %{y:.3g}<extra></extra>"), row=1, col=col)
-        fig.update_xaxes(title_text="step", row=1, col=col)
+        fig.update_xaxes(title_text="step (0: before the first update)", row=1, col=col)
     fig.update_layout(title=f"{delta.method}: inside the target-vector optimisation", height=340,
                       legend=dict(orientation="h", y=-0.3))
     return fig
@@ -143,11 +145,27 @@ def _mean_per_step(per_request: Sequence[Sequence[float]]) -> list[float]:
     return out
 
 
-def layer_shares(delta: WeightDelta) -> go.Figure | None:
-    """MEMIT: each layer's share of the residual z − h^L (Eq. 20), and what the edit left over."""
-    shares = delta.info.get("layer_shares")
+def _batches(delta: WeightDelta) -> list[tuple[int, Mapping[str, Any]]]:
+    """(index of its first request, its info) for each sequential batch of ``delta`` (one if none)."""
+    out, first = [], 0
+    for info in delta.info.get("chunks") or [delta.info]:
+        out.append((first, info))
+        steps = (info.get("opt") or {}).get("steps")
+        first += len(steps) if isinstance(steps, list) else len(delta.requests)
+    return out
+
+
+def layer_shares(delta: WeightDelta, batch: int = -1) -> go.Figure | None:
+    """MEMIT: each layer's share of the residual z − h^L (Eq. 20), and what the edit left over.
+
+    With sequential batches, ``batch`` picks one (default: the last).
+    """
+    batches = _batches(delta)
+    info = batches[batch][1]
+    shares = info.get("layer_shares")
     if not shares:
         return None
+    which = f" (batch {range(len(batches))[batch] + 1} of {len(batches)})" if len(batches) > 1 else ""
     layers = [f"L{r['layer']}" for r in shares]
     fig = go.Figure([
         go.Bar(x=layers, y=[r["share"] for r in shares], name="assigned ‖r^l‖ / ‖z − h‖",
@@ -156,9 +174,9 @@ def layer_shares(delta: WeightDelta) -> go.Figure | None:
         go.Scatter(x=layers, y=[r["remaining"] / max(1e-12, shares[0]["remaining"]) for r in shares],
                    mode="lines+markers", name="still to insert before the layer", line=dict(color="#c62828")),
     ])
-    left = delta.info.get("remaining_after")
+    left = info.get("remaining_after")
     note = f"; left after the edit: {left / max(1e-12, shares[0]['remaining']):.0%}" if left is not None else ""
-    fig.update_layout(title=f"{delta.method}: each layer's share of the residual{note}", height=320,
+    fig.update_layout(title=f"{delta.method}: each layer's share of the residual{which}{note}", height=320,
                       xaxis_title="edited layer", yaxis_title="fraction of mean ‖z − h^L‖", yaxis_tickformat=".0%")
     return fig
 
@@ -166,18 +184,24 @@ def layer_shares(delta: WeightDelta) -> go.Figure | None:
 def key_bars(delta: WeightDelta, *, request: int = 0, top: int = 20) -> go.Figure | None:
     """The key the update was computed for: its largest memory coefficients, and where ΔV writes.
 
-    Bars: k* (ROME; MEMIT: k_i^l at the top edited layer), the key averaged over prefix
-    contexts, for the ``top`` memories with the largest |k*|; line: the update's left factor
-    (ROME: C⁻¹k*; MEMIT: column i of (λC + KKᵀ)⁻¹K), rescaled to the same largest value.
+    Bars: k* (ROME), or k_i^l at the top edited layer (MEMIT / AlphaEdit, recorded for the first
+    requests of each batch), the key averaged over prefix contexts, for the ``top`` memories with
+    the largest |k*|; markers: the update's left factor for this request, rescaled to the same
+    largest value (ROME: C⁻¹k*; MEMIT: column i of (λC + KKᵀ)⁻¹K; AlphaEdit: its null-space
+    projected counterpart). None when the delta recorded no key for ``request``.
     """
-    if "key" in delta.info:
-        layer, key = delta.layers[0], delta.info["key"]
-    elif delta.info.get("keys"):
-        layer = max(int(l) for l in delta.info["keys"])
-        shown = delta.info["keys"][str(layer)]
-        if request >= len(shown):
+    if not 0 <= request < len(delta.requests):
+        return None
+    first, info = [b for b in _batches(delta) if b[0] <= request][-1]
+    local = request - first
+    if "key" in info and local == 0:
+        layer, key = delta.layers[0], info["key"]
+    elif info.get("keys"):
+        layer = max(int(l) for l in info["keys"])
+        shown = info["keys"][str(layer)]
+        if local >= len(shown):
             return None
-        key = shown[request]
+        key = shown[local]
     else:
         return None
     import torch
@@ -192,7 +216,7 @@ def key_bars(delta: WeightDelta, *, request: int = 0, top: int = 20) -> go.Figur
         scale = float(k[order].abs().max()) / max(1e-12, float(u[order].abs().max()))
         fig.add_trace(go.Scatter(x=[f"m{int(i)}" for i in order], y=(u[order] * scale).tolist(), mode="markers",
                                  name="where ΔV writes (left factor, rescaled)", marker=dict(color="#c62828", size=9)))
-    req = delta.requests[min(request, len(delta.requests) - 1)]
+    req = delta.requests[request]
     fig.update_layout(title=_short(f"{delta.method}: key at layer {layer} for {req.subject!r}", 70), height=320,
                       xaxis_title=f"memory (top {len(order)} by |k*|)", yaxis_title="coefficient")
     return fig

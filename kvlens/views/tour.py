@@ -24,8 +24,8 @@ from kvlens.editing.base import EditMethod
 from kvlens.editing.request import EditRequest
 from kvlens.evaluate import evaluate
 from kvlens.memory.activations import keys
-from kvlens.memory.vocab import find_memories, values
 from kvlens.memory.intervene import predict
+from kvlens.memory.vocab import find_memories, values
 from kvlens.models.kvmodel import KVModel
 from kvlens.views import eval_figures
 from kvlens.views.report import Report, Section
