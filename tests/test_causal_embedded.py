@@ -66,3 +66,15 @@ def test_suggested_edit_layers_are_a_range_inside_the_model(embedded, facts, tra
     fig = tf.severed_chart(sv, layers)
     assert len(fig.data) == 3
     assert len(tf.trace_heatmaps(traces[0]).data) == 3
+
+
+def test_exact_equals_plain_with_tokens_before_the_subject(embedded):
+    """On the real model, with cells before the subject answered without a forward."""
+    args = ("The capital of {} is", "France", " Paris")
+    exact = trace(embedded, *args, kind="hidden", samples=2, progress=False)
+    plain = trace(embedded, *args, kind="hidden", samples=2, mode="plain", per_forward=64, progress=False)
+    start = exact.subject_range[0]
+    assert start > 0
+    assert float((exact.scores["hidden"] - plain.scores["hidden"]).abs().max()) < 1e-5
+    assert float(exact.effect("hidden")[:start].abs().max()) == 0.0
+    assert float(exact.effect("hidden")[start:].abs().max()) > 0.01

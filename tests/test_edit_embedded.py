@@ -73,3 +73,24 @@ def test_delta_file_round_trip_on_embedded(embedded, stats, before, tmp_path):
     with back.applied(embedded):
         assert target_report(embedded, [REQ])[0]["top1"] == " Rome"
     assert unchanged(embedded, before["weights"])
+
+
+def test_memit_z_stage_resuming_from_the_subject_equals_full_forwards(embedded):
+    """The batched z optimisation (cached layers <= L and positions before the subject) gives the
+    z of the paper's one-by-one full forwards, and its recorded curves show the optimisation."""
+    from dataclasses import replace
+
+    from kvlens.editing import Contexts
+    from kvlens.editing._shared import build_rows, context_templates
+    from kvlens.editing.memit import target_vectors
+
+    reqs = [REQ, EditRequest("The capital of {} is", "France", "Berlin", "Paris")]  # subject first, and later
+    preset = MEMIT().hparams_for(embedded)
+    hp = replace(preset, opt=replace(preset.opt, steps=4), contexts=Contexts(n=1, tokens=3))
+    rows = build_rows(embedded, reqs, context_templates(embedded, hp.contexts))
+    z, h, log = target_vectors(embedded, rows, hp)
+    z_one, _, _ = target_vectors(embedded, rows, replace(hp, z_batch=1, skip_fixed=False))
+    assert float(((z - z_one).norm(dim=-1) / (z - h).norm(dim=-1)).max()) < 1e-4
+    for i in range(len(reqs)):
+        nll, norm = log["curves"]["nll"][i], log["curves"]["norm"][i]
+        assert nll[-1] < nll[0] and max(norm) <= log["max_norm"][i] * (1 + 1e-5)

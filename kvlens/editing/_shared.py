@@ -78,18 +78,24 @@ class Rows:
     def kl_rows(self) -> torch.Tensor:
         return (self.context < 0).nonzero().flatten()
 
+    def rows_of(self, requests: Sequence[int] | torch.Tensor, *, clean: bool = False) -> torch.Tensor:
+        """Indices of the rows of ``requests`` in batch order (only their clean prompts if ``clean``)."""
+        keep = torch.zeros(self.n_requests, dtype=torch.bool)
+        keep[torch.as_tensor(requests, dtype=torch.long)] = True
+        keep = keep[self.request]
+        if clean:
+            keep &= self.context == 0
+        return keep.nonzero().flatten()
+
     def select(self, requests: Sequence[int] | torch.Tensor, *, clean: bool = False) -> Rows:
         """The rows of ``requests`` (renumbered 0..), optionally only their clean prompts."""
         req = torch.as_tensor(requests, dtype=torch.long)
         remap = torch.full((self.n_requests,), -1, dtype=torch.long)
         remap[req] = torch.arange(len(req))
-        keep = remap[self.request] >= 0
-        if clean:
-            keep &= self.context == 0
-        rows = keep.nonzero().flatten()
+        rows = self.rows_of(req, clean=clean)
         new_row = torch.full((len(self.request),), -1, dtype=torch.long)
         new_row[rows] = torch.arange(len(rows))
-        t = keep[self.tgt_row].nonzero().flatten()
+        t = (new_row[self.tgt_row] >= 0).nonzero().flatten()
         width = int(self.batch.attention_mask[rows].sum(-1).max())
         dev = self.batch.input_ids.device
         batch = Batch(self.batch.input_ids[rows.to(dev), :width], self.batch.attention_mask[rows.to(dev), :width],
@@ -259,7 +265,7 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
         if bool(done.any()):
             sub_idx = active.nonzero().flatten().cpu()
             sub = rows.select(sub_idx)
-            sub_prefix = prefix.select(_rows_of(rows, sub_idx)) if prefix is not None else None
+            sub_prefix = prefix.select(rows.rows_of(sub_idx)) if prefix is not None else None
     return delta.detach(), {"loss": loss_last.tolist(), "steps": steps.tolist(),
                             "max_norm": (ref * opt.clamp).cpu().tolist(), "curves": curves}
 
@@ -276,13 +282,6 @@ def _clamp_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
     norm = delta.norm(dim=-1)
     scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
     delta.mul_(scale.unsqueeze(-1))
-
-
-def _rows_of(rows: Rows, requests: torch.Tensor) -> torch.Tensor:
-    """The row indices of ``requests``, in order (as :meth:`Rows.select` keeps them)."""
-    req = torch.zeros(rows.n_requests, dtype=torch.bool)
-    req[requests] = True
-    return req[rows.request].nonzero().flatten()
 
 
 def target_report(model: KVModel, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:

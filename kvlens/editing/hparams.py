@@ -13,10 +13,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 
-def _check_role(role: str) -> None:
-    """An FFN role that fine-tuning and LoRA can train."""
+def _check_training(what: str, role: str, layers: tuple[int, ...], steps: int, lr: float) -> None:
+    """What fine-tuning and LoRA share: a trainable FFN role, some layers, steps >= 1, lr > 0."""
     if role not in ("key", "gate", "value"):
         raise ValueError(f"role must be 'key', 'gate' or 'value', got {role!r}")
+    if not layers:
+        raise ValueError(f"{what} needs at least one layer")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    _positive("lr", lr)
 
 
 def _positive(name: str, value: float) -> None:
@@ -138,12 +143,7 @@ class FTHparams:
     contexts: Contexts = field(default_factory=lambda: Contexts(n=0))
 
     def __post_init__(self) -> None:
-        _check_role(self.role)
-        if not self.layers:
-            raise ValueError("fine-tuning needs at least one layer")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        _positive("lr", self.lr)
+        _check_training("fine-tuning", self.role, self.layers, self.steps, self.lr)
         if self.norm_constraint is not None:
             _positive("norm_constraint", self.norm_constraint)
 
@@ -167,12 +167,9 @@ class LoRAHparams:
     contexts: Contexts = field(default_factory=lambda: Contexts(n=0))
 
     def __post_init__(self) -> None:
-        _check_role(self.role)
-        if not self.layers:
-            raise ValueError("LoRA needs at least one layer")
-        if self.rank < 1 or self.steps < 1:
-            raise ValueError("rank and steps must be >= 1")
-        _positive("lr", self.lr)
+        _check_training("LoRA", self.role, self.layers, self.steps, self.lr)
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

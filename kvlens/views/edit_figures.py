@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
 
 from kvlens.causal.trace import CausalTrace
 from kvlens.editing.delta import WeightDelta
@@ -107,8 +109,6 @@ def optimisation_curve(delta: WeightDelta, *, max_lines: int = 8) -> go.Figure |
 
 def _target_curves(delta: WeightDelta, curves: Mapping[str, list[list[float]]], max_norm: Sequence[float],
                    max_lines: int) -> go.Figure:
-    from plotly.subplots import make_subplots
-
     n = len(curves["nll"])
     fig = make_subplots(rows=1, cols=4, subplot_titles=[title for _, title in _CURVES], horizontal_spacing=0.06)
     if n <= max_lines:
@@ -204,8 +204,6 @@ def key_bars(delta: WeightDelta, *, request: int = 0, top: int = 20) -> go.Figur
         key = shown[local]
     else:
         return None
-    import torch
-
     k = torch.as_tensor(key, dtype=torch.float32)
     order = k.abs().argsort(descending=True)[:top]
     fig = go.Figure(go.Bar(x=[f"m{int(i)}" for i in order], y=k[order].tolist(), name="k* (key coefficient)",
