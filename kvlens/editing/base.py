@@ -96,7 +96,8 @@ def sequentially(model: KVModel, chunks: Sequence[Any], compute_one: Callable[[A
 
     The intermediate deltas are applied on an :class:`EditHistory` and all reverted at the end
     (also on error or interrupt), so the model is unchanged; the weight norm of every edited
-    layer after each chunk is recorded in ``info["norm_history"]``.
+    layer after each chunk is recorded in ``info["norm_history"]``, and each chunk's own info (with
+    its number of requests, ``n_requests``) in ``info["chunks"]``.
     """
     history = EditHistory(model)
     deltas: list[WeightDelta] = []
@@ -111,7 +112,7 @@ def sequentially(model: KVModel, chunks: Sequence[Any], compute_one: Callable[[A
     out.method, out.hparams = deltas[0].method, deltas[0].hparams
     out.info.update({k: v for k, v in deltas[0].info.items() if k != "components"})
     if len(deltas) > 1:
-        out.info["chunks"] = [d.info for d in deltas]
+        out.info["chunks"] = [{**d.info, "n_requests": len(d.requests)} for d in deltas]
         out.info["norm_history"] = history.norms[: len(deltas) + 1]
     return out
 

@@ -150,8 +150,7 @@ def _batches(delta: WeightDelta) -> list[tuple[int, Mapping[str, Any]]]:
     out, first = [], 0
     for info in delta.info.get("chunks") or [delta.info]:
         out.append((first, info))
-        steps = (info.get("opt") or {}).get("steps")
-        first += len(steps) if isinstance(steps, list) else len(delta.requests)
+        first += info.get("n_requests", len(delta.requests))
     return out
 
 

@@ -84,8 +84,7 @@ def tour(model: KVModel, prompt: str = DEFAULT_PROMPT, layer: int | None = None,
     true = fact.target_true or fact.target_new
     report = Report(f"kvlens tour: {model.name}")
     report.add(Section("Model", table=[{"property": k, "value": v} for k, v in model.card().items()]))
-    with torch.no_grad():
-        report.add(prediction_section(model, prompt))
+    report.add(prediction_section(model, prompt))
     log(f"locate: tracing {fact.subject!r} -> {true!r} ({trace_mode})")
     report.add(trace(model, fact.prompt, fact.subject, true, kind="all", mode=trace_mode, progress=False))
     log(f"inspect: key activations at layer {layer}, values of the upper layers that write {true!r}")
