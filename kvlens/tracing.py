@@ -199,7 +199,7 @@ class Prefix:
             for layer, (k, v) in enumerate(zip(self.keys, self.values)):
                 # skipped layers hold layer 0's past: never read, but the cache reports its length
                 cache.update(self.keys[0] if k is None else k, self.values[0] if v is None else v, layer)
-            out["past_key_values"] = cache
+            out["cache"] = cache
             out["use_cache"] = True
         return out
 
@@ -233,7 +233,7 @@ def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | No
     past_len, width = int(start.max()), int((lengths - start).max())
     cache = DynamicCache(config=model.config) if past_len > 0 else None
     last = Site("resid", model.n_layers - 1)
-    with torch.no_grad(), model.nn.trace(**batch.inputs(), past_key_values=cache, use_cache=cache is not None) as tracer:
+    with torch.no_grad(), model.nn.trace(**batch.inputs(), cache=cache, use_cache=cache is not None) as tracer:
         envoy, _ = model.envoy(Site("resid", upto))
         top = nnsight.save(envoy.output)
         if cache is not None and upto < last.layer:  # every layer fills the cache; the head is not needed

@@ -4,7 +4,7 @@ Restoring a state at (layer ``l``, token ``t``) leaves every layer below the fir
 one, and every position before ``t``, exactly as in the corrupted run (causal attention:
 position ``p`` never sees positions ``> p``). So a cell only needs layers ``>= start`` at
 positions ``>= t``, given the corrupted run's residual stream entering ``start`` and its
-attention keys/values for positions ``< t`` (the ``past_key_values`` cache of Hugging Face).
+attention keys/values for positions ``< t`` (the ``cache`` of Hugging Face).
 
 :func:`full_run` records a complete run (residual stream, MLP and attention outputs, keys
 and values); :func:`resume` continues many rows from it at once, each row from its own start
@@ -114,7 +114,7 @@ def full_run(model: KVModel, embeds: torch.Tensor) -> RunStates:
                   (model.attn(j), keep("attn", j), False)]
     with torch.no_grad(), _hooks(pairs):
         out = model.hf(inputs_embeds=embeds, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     keys = [cache.layers[j].keys for j in range(n)]
     values = [cache.layers[j].values for j in range(n)]
     return RunStates(rec["in"][0], rec["resid"], rec["mlp"], rec["attn"], keys, values, out.logits)
@@ -155,7 +155,7 @@ def _probe(model: KVModel, ids: torch.Tensor, past: RunStates, t: int) -> list[t
             cache.update(past.keys[j][:1, :, :t], past.values[j][:1, :, :t], j)
     pairs = [(model.layer(j), grab(j), True) for j in range(model.n_layers)]
     with torch.no_grad(), _hooks(pairs):
-        model.hf(input_ids=ids[:1, t:], past_key_values=cache, use_cache=cache is not None)
+        model.hf(input_ids=ids[:1, t:], cache=cache, use_cache=cache is not None)
     return captured
 
 

@@ -38,10 +38,10 @@ def context_templates(model: KVModel, contexts: Contexts) -> tuple[str, ...]:
         step, past, picked = ids, None, []
         with torch.no_grad():
             for _ in range(contexts.tokens):
-                res = model.hf(input_ids=step, past_key_values=past, use_cache=True)
+                res = model.hf(input_ids=step, cache=past, use_cache=True)
                 top = torch.topk(res.logits[0, -1].float().cpu(), 5)
                 pick = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]
-                step, past = pick.view(1, 1).to(ids.device), res.past_key_values
+                step, past = pick.view(1, 1).to(ids.device), res.cache
                 picked.append(int(pick))
         text = model.tokenizer.decode(ids[0, -1:].tolist() + picked)
         text = " ".join(text.replace("{", " ").replace("}", " ").split()) or _STARTERS[0]
