@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
-# Set everything up, then run the whole test suite (real embedded model included).
+# Set everything up (the locked versions), then run the whole test suite (real embedded model included).
+#   bash scripts/test.sh [pytest args]            the locked, tested environment (.venv)
+#   bash scripts/test.sh --latest [pytest args]   the drift check: the newest releases pyproject.toml
+#                                                  allows, in .venv-latest; prints what differs from the lock
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--latest" ]; then
+  shift
+  KVLENS_VENV=.venv-latest KVLENS_LATEST=1 bash scripts/setup.sh
+  .venv-latest/bin/python scripts/check_lock.py --lock requirements.lock --report
+  exec .venv-latest/bin/python -m pytest "$@"
+fi
 bash scripts/setup.sh
 exec .venv/bin/python -m pytest "$@"
