@@ -8,6 +8,7 @@ export; any error in any cell fails the test.
 from __future__ import annotations
 
 import ast
+import os
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 psutil = pytest.importorskip("psutil")
-from nbclient.exceptions import CellExecutionError, DeadKernelError  # noqa: E402
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError  # noqa: E402
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 ALLOWED_IMPORTS = {"kvlens"}  # and the standard library: no other third-party package
@@ -130,6 +131,9 @@ def execute(nb, name: str, workdir: Path) -> KernelWatch:
         pytest.fail(f"{name}: the kernel died {watch.where()} after {time.perf_counter() - start:.0f} s, "
                     f"{_exit_status(watch.process)} ({err}); SIGKILL with a peak near the machine's memory means the "
                     "kernel was killed for memory")
+    except CellTimeoutError as err:
+        pytest.fail(f"{name}: a cell ran past the {client.timeout} s limit {watch.where()} (is the machine "
+                    f"loaded? compare the load average {os.getloadavg()[0]:.1f} with its cores):\n{err}")
     except CellExecutionError as err:
         pytest.fail(f"{name}: a cell failed {watch.where()}:\n{err}")
     finally:
