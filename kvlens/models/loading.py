@@ -117,9 +117,20 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+#: JSON files up to this size are parsed in full; larger ones (tokenizer.json, ~3.5 MB) are checked by
+#: their recorded size and their first and last bytes, which a truncation or a foreign file changes.
+_PARSE_LIMIT = 1 << 20
+
+
 def _json_problem(path: Path) -> str | None:
+    data = path.read_bytes()
+    if len(data) > _PARSE_LIMIT:
+        body = data.strip()
+        if not (body.startswith(b"{") and body.endswith(b"}")):
+            return "it is not a complete JSON object (cut or overwritten)"
+        return None
     try:
-        json.loads(path.read_bytes().decode("utf-8"))
+        json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         return f"it is not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
     return None
