@@ -408,6 +408,17 @@ def test_unknown_model_type_gives_kvlens_registry_message(tmp_path):
         kvlens.load(tmp_path)
 
 
+def test_unknown_model_type_on_the_hub_refused_before_weights_are_fetched(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.PretrainedConfig, "get_config_dict",
+                        classmethod(lambda cls, source, **kw: ({"model_type": "not_a_family"}, kw)))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights fetched for an unknown family"))
+    with pytest.raises(kvlens.UnknownArchitectureError, match="register_arch"):
+        kvlens.load("some-org/some-model")
+
+
 # ---- trigger caches --------------------------------------------------------------------------------------
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 

@@ -241,9 +241,17 @@ def _hub_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
     keep = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder", "local_files_only") if k in kwargs}
     try:
         config, _ = PretrainedConfig.get_config_dict(source, **keep)
-    except Exception:  # offline, unknown id, gated: from_pretrained gives the full message below
+    except OSError as exc:  # offline, unknown id, gated: say so now, without a second wait
+        raise _hub_error(source, exc) from exc
+    except Exception:  # anything else: from_pretrained reports it with its own message
         return None
     return config
+
+
+def _hub_error(display: str, exc: BaseException) -> OSError:
+    return OSError(
+        f"could not load {display!r}: {exc}\nIf you are offline, download the model where the "
+        "hub is reachable, save it with save_pretrained, and pass that local directory.")
 
 
 def _check_local_dir(path: Path) -> None:
@@ -332,10 +340,7 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
         if where == "local":
             raise OSError(f"could not load the model in folder {str(source)!r}: {exc}\nSave the model and its "
                           "tokenizer there again with save_pretrained (the folder was left as it is).") from exc
-        raise OSError(
-            f"could not load {display!r}: {exc}\nIf you are offline, download the model where the "
-            "hub is reachable, save it with save_pretrained, and pass that local directory."
-        ) from exc
+        raise _hub_error(display, exc) from exc
     if device is not None and quant is None:
         model.to(device)
     model.config.name_or_path = display
