@@ -22,11 +22,13 @@ import json
 import os
 import re
 import socket
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from kvlens.bundled_data import data_dir
+from kvlens.errors import BadInput, CorruptFile
 from kvlens.models.kvmodel import Batch, KVModel
 
 BUNDLED_FILE = "enwiki_sample.jsonl.gz"
@@ -80,16 +82,49 @@ class Corpus:
 
 # ---- sources -------------------------------------------------------------------------------
 def _read_file(path: Path) -> Iterator[str]:
-    """Documents of one file: one per JSON line for ``.jsonl`` (field ``text``), else the file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    stem = path.with_suffix("") if path.suffix == ".gz" else path
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        if stem.suffix == ".jsonl":
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)["text"]
-        else:
-            yield f.read()
+    """Documents of one file: one per JSON line for ``.jsonl`` (field ``text``), else the file.
+
+    Raises:
+        CorruptFile: naming the file (and line): a ``.gz`` that is not gzip, text that is not
+            UTF-8 or is binary, a JSON line that does not parse or has no string ``text`` field.
+    """
+    gz = path.suffix == ".gz"
+    stem = path.with_suffix("") if gz else path
+    if gz:
+        with open(path, "rb") as raw:
+            if raw.read(2) != b"\x1f\x8b":
+                raise CorruptFile(f"corpus file {path} ends in .gz but is not gzip-compressed; "
+                                  "rename it without .gz or compress it with gzip")
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+            if stem.suffix == ".jsonl":
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        yield _jsonl_text(path, number, line)
+            else:
+                text = f.read()
+                if "\x00" in text:
+                    raise CorruptFile(f"corpus file {path} looks binary (it holds NUL bytes); give UTF-8 text files")
+                yield text
+    except UnicodeDecodeError as exc:
+        raise CorruptFile(f"corpus file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start} of its text); re-save it as UTF-8") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise CorruptFile(f"corpus file {path} is not a complete gzip file ({exc}); compress it again") from None
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    """The ``text`` field of one JSON line; errors name the file, the line and the fields it has."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CorruptFile(f"corpus file {path}, line {number}: not JSON ({exc.msg}); a .jsonl file holds one "
+                          '{"text": ...} object per line') from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise CorruptFile(f"corpus file {path}, line {number}: needs a string field 'text' (it has {fields})")
+    return record["text"]
 
 
 def _hash_files(paths: Sequence[Path]) -> str:
@@ -129,10 +164,14 @@ def from_files(paths: str | os.PathLike | Sequence[str | os.PathLike], *, name: 
     files = [f for p in items for f in _expand(Path(p))]
     empty = [str(f) for f in files if f.stat().st_size == 0]
     if empty:
-        raise ValueError(f"corpus file(s) {empty} are empty: give files that contain text")
+        raise BadInput(f"corpus file(s) {empty} are empty: give files that contain text")
+    for f in files:  # each file's first document read now: a wrong format fails here, not mid-run
+        docs = _read_file(f)
+        next(docs, None)
+        docs.close()
     loader = lambda: (t for f in files for t in _read_file(f))  # noqa: E731
     if not any(t.strip() for t in loader()):
-        raise ValueError(f"corpus files {[str(f) for f in files]} contain only whitespace")
+        raise BadInput(f"corpus files {[str(f) for f in files]} contain only whitespace")
     label = name or (files[0].stem if len(files) == 1 else f"{len(files)}files")
     return Corpus(f"files:{label}:{_hash_files(files)}", loader)
 

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kvlens.bundled_data import data_dir
-from kvlens.prompts import check_template, continuation
+from kvlens.errors import BadInput, CorruptFile, KVLensError
+from kvlens.fileio import atomic_path, check_folder
+from kvlens.prompts import check_template, check_visible, continuation
 
 COUNTERFACT_HUB_ID = "azhx/counterfact"
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(KVLensError, RuntimeError):
     """A dataset could not be fetched (offline, unknown id, ...)."""
 
 
@@ -60,9 +62,14 @@ class EvalCase:
         where = f"case {self.case_id!r}"
         check_template(self.prompt)
         if not isinstance(self.subject, str) or not self.subject.strip():
-            raise ValueError(f"{where}: empty subject {self.subject!r}")
+            raise BadInput(f"{where}: empty subject {self.subject!r} (no visible text)")
         if not isinstance(self.target_new, str) or not self.target_new.strip():
-            raise ValueError(f"{where}: empty target_new {self.target_new!r}")
+            raise BadInput(f"{where}: empty target_new {self.target_new!r} (no visible text)")
+        for name in ("subject", "target_new"):
+            try:
+                check_visible(name, getattr(self, name))
+            except BadInput as exc:
+                raise BadInput(f"{where}: {exc}") from None
         if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
             raise ValueError(
                 f"{where}: target_new {self.target_new!r} equals the true object {self.target_true!r}; "
@@ -231,31 +238,59 @@ def as_cases(items: EvalCase | dict | Any | Sequence[Any]) -> list[EvalCase]:
 
 
 # ---- files -------------------------------------------------------------------------------------
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; :class:`CorruptFile` naming it when it is binary, not UTF-8 or empty."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b" or b"\x00" in data[:65536]:
+        raise CorruptFile(f"{path} looks binary (it holds NUL bytes or is gzip-compressed), not a {what}; "
+                          "give the plain UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFile(f"{path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                          f"re-save the {what} as UTF-8") from None
+    if not text.strip():
+        raise CorruptFile(f"{path} is empty: a {what} needs at least one record")
+    return text
+
+
 def load_json(path: str | os.PathLike[str], limit: int | None = None) -> list[EvalCase]:
-    """Cases from a local ROME/MEMIT JSON file (a list of records) or JSON-lines file."""
+    """Cases from a local ROME/MEMIT JSON file (a list of records) or JSON-lines file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CorruptFile: the file is binary, not UTF-8, empty, not JSON, holds no records, or a
+            record lacks a field (the message names the file, the record and the field).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "dataset JSON file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is neither a JSON list nor JSON lines: {e}") from None
+            raise CorruptFile(f"{path} is neither a JSON list nor JSON lines: {e}") from None
     if isinstance(data, dict):
         data = data.get("data", data.get("records", [data]))
     if not isinstance(data, list):
-        raise ValueError(f"{path} must hold a JSON list of records, got {type(data).__name__}")
-    return from_records(data, limit)
+        raise CorruptFile(f"{path} must hold a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise CorruptFile(f"{path} holds no records (an empty list): give a file with at least one record")
+    try:
+        return from_records(data, limit)
+    except (TypeError, ValueError) as exc:
+        raise CorruptFile(f"{path}: {exc}") from None
 
 
 def save_json(cases: Sequence[EvalCase], path: str | os.PathLike[str]) -> Path:
-    """Write cases as a ROME/MEMIT CounterFact JSON list."""
-    path = Path(path)
-    path.write_text(json.dumps([to_record(c) for c in cases], indent=1, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
+    """Write cases as a ROME/MEMIT CounterFact JSON list (through a temporary file renamed into place)."""
+    path = check_folder(path, "dataset")
+    text = json.dumps([to_record(c) for c in cases], indent=1, ensure_ascii=False) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -337,9 +372,12 @@ def load_reference_texts(path: str | os.PathLike[str] | None = None) -> dict[str
     path = Path(path).expanduser() if path is not None else data_dir() / "reference_texts.json"
     if not path.is_file():
         raise FileNotFoundError(f"no reference-text file at {path}")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(read_text_file(path, "reference-text JSON file"))
+    except json.JSONDecodeError as exc:
+        raise CorruptFile(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object {{object: [texts]}}")
+        raise CorruptFile(f"{path} must hold a JSON object {{object: [texts]}}")
     out = {}
     for key, texts in data.items():
         if key.startswith("_"):
@@ -347,6 +385,6 @@ def load_reference_texts(path: str | os.PathLike[str] | None = None) -> dict[str
         if isinstance(texts, str):
             texts = [texts]
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise ValueError(f"{path}: object {key!r} needs a non-empty list of texts")
+            raise CorruptFile(f"{path}: object {key!r} needs a non-empty list of texts")
         out[key.strip()] = list(texts)
     return out

@@ -34,7 +34,7 @@ from kvlens.metrics import (
     token_accuracy,
 )
 from kvlens.models.kvmodel import Batch, KVModel, Site
-from kvlens.prompts import continuation_ids
+from kvlens.prompts import check_length, continuation_ids
 from kvlens.tracing import run
 
 
@@ -101,6 +101,7 @@ def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str]
     row_of = []
     for p, t in zip(prompts, target_ids):
         key = tuple(prompt_cache[p] + t[:-1])
+        check_length(model, len(key) + 1, f"prompt {p!r} with its {len(t)} target token(s)")
         row_of.append(contexts.setdefault(key, len(contexts)))
     rows = list(contexts)
     pairs_of_row: list[list[int]] = [[] for _ in rows]

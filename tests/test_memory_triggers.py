@@ -70,7 +70,7 @@ def test_cache_is_reused_and_keyed_by_parameters(m, small, tmp_cache):
     assert again.from_cache and again[(0, 3)] == first[(0, 3)] and len(again[(0, 9)]) == 3
     other = triggers.trigger_examples(m, (0, 3), small, n=3, window=8, progress=False)
     assert not other.from_cache
-    files = list(Path(tmp_cache).rglob("*.pt"))
+    files = list(Path(tmp_cache).rglob("*.safetensors"))
     assert len(files) == 2 and all(small.id in str(f) for f in files)
 
 

@@ -23,7 +23,7 @@ from kvlens import tracing
 from kvlens.editing.hparams import Contexts
 from kvlens.editing.request import EditRequest
 from kvlens.models.kvmodel import Batch, KVModel, Site
-from kvlens.prompts import continuation_ids, subject_span
+from kvlens.prompts import check_length, continuation_ids, subject_span
 
 _STARTERS = ("The", "Therefore", "Because", "I", "You")  # MEMIT's generation seeds
 KL_PROMPT = "{} is a"  # ROME's essence prompt
@@ -116,6 +116,8 @@ def build_rows(model: KVModel, requests: Sequence[EditRequest], templates: Seque
             template = ctx.replace("{}", req.prompt)
             span = subject_span(model, template, req.subject)
             prompt_ids = model.tokenize(span.prompt).input_ids[0].tolist()
+            check_length(model, len(prompt_ids) + len(target) - 1, f"request {i} ({req.text!r} -> {req.target_new!r})"
+                         + (f" with context prefix {ctx.replace('{}', '')!r}" if j else ""))
             for k, tok in enumerate(target):
                 tgt.append((len(ids), len(prompt_ids) - 1 + k, tok, 1.0 / (len(target) * len(templates))))
             meta.append((i, span.last, j))

@@ -57,6 +57,7 @@ class AlphaEdit(MEMIT):
 
     name = "alphaedit"
     presets = ALPHAEDIT_PRESETS
+    invertible_moments = False  # the null space of C is what AlphaEdit projects on
 
     def __init__(self, hparams: AlphaEditHparams | None = None, *, preset: str | None = None,
                  previous_keys: Mapping[int, torch.Tensor] | None = None, **overrides: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from kvlens.editing._shared import outcome, target_report
 from kvlens.editing.delta import WeightDelta
 from kvlens.editing.history import EditHistory
-from kvlens.editing.hparams import preset_for
+from kvlens.editing.hparams import check_fields, check_hparams, preset_for
 from kvlens.editing.request import EditRequest, check_requests
 from kvlens.models.kvmodel import KVModel
 
@@ -41,6 +41,10 @@ class EditMethod(abc.ABC):
     def __init__(self, hparams: Any | None = None, *, preset: str | None = None, **overrides: Any) -> None:
         if preset is not None and preset not in self.presets:
             raise KeyError(f"no {self.name} preset {preset!r}; presets: {sorted(self.presets)}")
+        if self.presets:  # the presets' type is the hyperparameter type: check names before any work
+            hp_type = type(next(iter(self.presets.values())))
+            check_hparams(hparams, hp_type, type(self).__name__)
+            check_fields(hp_type, overrides, type(self).__name__)
         self._hparams, self._preset, self._overrides = hparams, preset, overrides
 
     def hparams_for(self, model: KVModel) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kvlens.editing.request import EditRequest
+from kvlens.errors import BadInput, EditStateError
 from kvlens.models.kvmodel import KVModel, Role, Site
 from kvlens.tracing import Write
 
@@ -36,6 +37,11 @@ class Part:
         if self.right is not None and (self.left.dim() != 2 or self.right.dim() != 2
                                        or self.left.shape[1] != self.right.shape[0]):
             raise ValueError(f"low-rank factors do not chain: {tuple(self.left.shape)} @ {tuple(self.right.shape)}")
+        for name, t in (("left", self.left), ("right", self.right)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise BadInput(f"the {name} factor of this change contains NaN or Inf "
+                               f"({int((~torch.isfinite(t)).sum())} of {t.numel()} entries): it cannot be written "
+                               "into weights; recompute the delta (check the method's statistics and learning rate)")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,8 +68,29 @@ def _part_fingerprint(model: KVModel, key: PartKey) -> str:
     return model.fingerprint([key[0]], [key[1]])
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (a NaN equals a NaN with the same bits, unlike ``torch.equal``)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.detach().contiguous().view(torch.uint8), b.detach().contiguous().view(torch.uint8))
+
+
+def _edit_stacks(model: KVModel) -> dict[PartKey, list[AppliedEdit]]:
+    """Per weight, the edits applied to it on ``model``, oldest first (kept on the model object)."""
+    stacks: dict[PartKey, list[AppliedEdit]] | None = vars(model).get("_kvlens_edits")
+    if stacks is None:
+        stacks = vars(model)["_kvlens_edits"] = {}
+    return stacks
+
+
 class AppliedEdit:
-    """The handle :meth:`WeightDelta.apply` returns: ``revert()`` restores the weights bitwise."""
+    """The handle :meth:`WeightDelta.apply` returns: ``revert()`` removes exactly this edit.
+
+    Edits applied on top of each other form a stack per weight. Reverting the newest restores
+    the weights bitwise; reverting an older one rebuilds the weights as if it had never been
+    applied (the later edits written again, in order, on the weights before it), so every
+    other edit stays applied and stays revertible, and ``is_applied`` always tells the truth.
+    """
 
     def __init__(self, delta: WeightDelta, model: KVModel,
                  originals: dict[PartKey, torch.Tensor], written: dict[PartKey, torch.Tensor]) -> None:
@@ -72,21 +99,40 @@ class AppliedEdit:
         self.active = True
 
     def revert(self, *, force: bool = False) -> None:
-        """Copy the original tensors back.
+        """Remove this edit's change; the weights end as if it had never been applied.
 
         Raises:
-            RuntimeError: already reverted, or the weights changed since apply (another edit
-                of the same weight is still applied: revert that one first, or ``force=True``).
+            EditStateError: already reverted, or a weight was changed outside kvlens since the
+                last edit of it (``force=True`` restores the weights regardless).
         """
         if not self.active:
-            raise RuntimeError("this edit was already reverted")
-        for key, written in self._written.items():
-            if not force and not torch.equal(self.model.projection(*key).weight, written):
-                raise RuntimeError(
-                    f"layer {key[0]} {key[1]} changed after this edit was applied; revert later edits first")
+            raise EditStateError("this edit was already reverted")
+        stacks = _edit_stacks(self.model)
+        for key in self._written:
+            top = stacks[key][-1]
+            if not force and not _same_bits(self.model.projection(*key).weight, top._written[key]):
+                raise EditStateError(
+                    f"layer {key[0]} {key[1]} changed after this edit was applied, outside kvlens's "
+                    "apply/revert; revert(force=True) restores the weights as they were before it")
+        values: dict[PartKey, torch.Tensor] = {}
+        rebuilt: list[tuple[AppliedEdit, PartKey, torch.Tensor, torch.Tensor]] = []
+        for key in self._written:  # compute everything first: a failure changes nothing
+            stack = stacks[key]
+            base = self._originals[key]
+            for later in stack[stack.index(self) + 1:]:
+                wrote = later.delta._added(self.model, key, base)
+                rebuilt.append((later, key, base, wrote))
+                base = wrote
+            values[key] = base
         with torch.no_grad():
-            for key, orig in self._originals.items():
-                self.model.projection(*key).weight.copy_(orig)
+            for key, value in values.items():
+                self.model.projection(*key).weight.copy_(value)
+        for later, key, base, wrote in rebuilt:
+            later._originals[key], later._written[key] = base, wrote
+        for key in self._written:
+            stacks[key].remove(self)
+            if not stacks[key]:
+                del stacks[key]
         self.active = False
         self.delta._handles.pop(id(self.model), None)
 
@@ -153,7 +199,7 @@ class WeightDelta:
     # ---- apply / revert ------------------------------------------------------------------
     def _check_target(self, model: KVModel, force: bool) -> None:
         if self.is_applied(model):
-            raise RuntimeError(f"{self!r} is already applied to this model; revert it before applying again")
+            raise EditStateError(f"{self!r} is already applied to this model; revert it before applying again")
         for layer, role in self.parts:
             model.check_layer(layer)
             if role not in model.roles():
@@ -170,35 +216,58 @@ class WeightDelta:
                 f"this delta was computed for other weights at {[f'{l}.{r}' for l, r in stale]} "
                 f"(model {self.model_name!r}); pass force=True to apply anyway")
 
-    def _write(self, model: KVModel, key: PartKey) -> None:
-        """Add one part to the stored weight (in place)."""
-        w = model.projection(*key).weight
-        change = model.stored(self.parts[key].dense().to(w.device), key[1])
+    def _added(self, model: KVModel, key: PartKey, base: torch.Tensor) -> torch.Tensor:
+        """``base`` (a stored weight) plus this delta's part at ``key``, in ``base``'s dtype.
+
+        Raises:
+            BadInput: the change holds NaN/Inf, or adding it overflows the weight's dtype
+                where the weight was finite (the weight's own NaN/Inf are left as they are).
+        """
+        change = model.stored(self.parts[key].dense().to(base.device), key[1])
+        if not bool(torch.isfinite(change).all()):
+            raise BadInput(f"delta part {key[0]}.{key[1]} contains NaN or Inf: refusing to write it into "
+                           "the weights (the model is unchanged); recompute the delta")
+        out = (base.float() + change).to(base.dtype)
+        overflow = ~torch.isfinite(out) & torch.isfinite(base)
+        if bool(overflow.any()):
+            raise BadInput(f"adding delta part {key[0]}.{key[1]} would overflow {base.dtype} at "
+                           f"{int(overflow.sum())} entries (largest change {float(change.abs().max()):.3g}): "
+                           "the model is unchanged; load the model in float32 or use a smaller edit")
+        return out
+
+    def _write(self, model: KVModel, key: PartKey, value: torch.Tensor) -> None:
+        """Copy ``value`` into the stored weight at ``key`` (in place)."""
         with torch.no_grad():
-            w.copy_((w.float() + change).to(w.dtype))
+            model.projection(*key).weight.copy_(value)
 
     def apply(self, model: KVModel, *, force: bool = False) -> AppliedEdit:
         """Add the change to ``model``'s weights; ``handle.revert()`` (or ``delta.revert()``) undoes it.
 
-        The original tensors are copied first; if anything (including KeyboardInterrupt) stops
-        the writes, every weight is restored before the exception propagates.
+        The new weights are computed and checked (finite, no overflow) before any is written;
+        the original tensors are kept, and if anything (including KeyboardInterrupt) stops the
+        writes, every weight is restored before the exception propagates. Deltas applied on
+        top of each other can be reverted in any order (see :class:`AppliedEdit`).
 
         Raises:
-            RuntimeError: this delta is already applied to ``model``.
+            EditStateError: this delta is already applied to ``model``.
             ValueError: the model's weights are not the ones the delta was computed for.
+            BadInput: the change is not finite or overflows the weights' dtype.
         """
         self._check_target(model, force)
         originals = {key: model.projection(*key).weight.detach().clone() for key in self.parts}
+        written = {key: self._added(model, key, originals[key]) for key in self.parts}
         try:
-            for key in self.parts:
-                self._write(model, key)
+            for key, value in written.items():
+                self._write(model, key, value)
         except BaseException:
             with torch.no_grad():
                 for key, orig in originals.items():
                     model.projection(*key).weight.copy_(orig)
             raise
-        written = {key: model.projection(*key).weight.detach().clone() for key in self.parts}
         handle = AppliedEdit(self, model, originals, written)
+        stacks = _edit_stacks(model)
+        for key in self.parts:
+            stacks.setdefault(key, []).append(handle)
         self._handles[id(model)] = handle
         return handle
 
@@ -211,12 +280,15 @@ class WeightDelta:
         else:
             handle = None
         if handle is None:
-            raise RuntimeError("this delta is not applied" + ("" if model is None else " to that model"))
+            raise EditStateError("this delta is not applied" + ("" if model is None else " to that model"))
         handle.revert()
 
     @contextlib.contextmanager
     def applied(self, model: KVModel, *, force: bool = False) -> Iterator[AppliedEdit]:
-        """``with delta.applied(model): ...`` runs the block with the edit, then reverts it."""
+        """``with delta.applied(model): ...`` runs the block with the edit, then reverts it.
+
+        Edits applied inside the block and still applied at its end stay applied (on the
+        weights as they were before this one); only this delta's change is removed."""
         handle = self.apply(model, force=force)
         try:
             yield handle

@@ -56,7 +56,12 @@ class EditHistory:
         return handle
 
     def undo(self) -> WeightDelta:
-        """Revert the last edit; returns its delta."""
+        """Revert the last edit still applied; returns its delta.
+
+        Edits reverted by hand (``handle.revert()``) are dropped from the stack, not reverted twice.
+        """
+        while self._stack and not self._stack[-1].active:
+            self._stack.pop()
         if not self._stack:
             raise IndexError("nothing to undo")
         handle = self._stack.pop()
@@ -66,8 +71,9 @@ class EditHistory:
 
     def undo_all(self) -> None:
         """Revert every edit, newest first: the weights are bitwise those before the first push."""
-        while self._stack:
+        while any(h.active for h in self._stack):
             self.undo()
+        self._stack.clear()
 
     def summary(self) -> dict[str, Any]:
         return {"edits": [d.summary() for d in self.deltas], "norms": self.norms}

@@ -9,8 +9,33 @@ files use ``v_weight_decay 0.5`` with a normalized decay and ``kl_factor 0.0625`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import difflib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
+
+from kvlens.errors import BadHparams
+
+
+def check_fields(hparams_type: type, names: Iterable[str], method: str) -> None:
+    """Refuse hyperparameter names ``hparams_type`` does not have, suggesting the closest one.
+
+    ``ROME(layr=7)`` fails here, when the method is built, not at compute with a dataclass error.
+    """
+    known = [f.name for f in fields(hparams_type)]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise BadHparams(f"{method} has no hyperparameter {name!r}{hint} "
+                             f"({hparams_type.__name__} fields: {', '.join(known)})")
+
+
+def check_hparams(hparams: Any, hparams_type: type, method: str) -> None:
+    """Refuse hyperparameters of another method's type (``ROME(MEMITHparams())``)."""
+    if hparams is not None and not (is_dataclass(hparams) and isinstance(hparams, hparams_type)):
+        raise BadHparams(f"{method} needs {hparams_type.__name__} hyperparameters, got {type(hparams).__name__}; "
+                         f"build them with {hparams_type.__name__}(...) or pass fields as keywords")
 
 
 def _check_training(what: str, role: str, layers: tuple[int, ...], steps: int, lr: float) -> None:

@@ -86,6 +86,8 @@ class MEMIT(EditMethod):
 
     name = "memit"
     presets = MEMIT_PRESETS
+    #: MEMIT solves with λC + KKᵀ (Eq. 14), so C must be invertible; AlphaEdit projects instead.
+    invertible_moments = True
 
     def default_hparams(self, model: KVModel) -> MEMITHparams:
         top = max(1, model.n_layers // 4)
@@ -109,7 +111,8 @@ class MEMIT(EditMethod):
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams, *,
                  stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
                  sequential_batch: int | None = None, **_: Any) -> WeightDelta:
-        moments = resolve_moments(model, hp.layers, stats, corpus, hp.stats_tokens)
+        moments = resolve_moments(model, hp.layers, stats, corpus, hp.stats_tokens,
+                                  invertible=self.invertible_moments)
         templates = context_templates(model, hp.contexts)
         size = sequential_batch or len(requests)
         chunks = [requests[i: i + size] for i in range(0, len(requests), size)]

@@ -11,13 +11,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvlens.prompts import check_template, continuation, fill
+from kvlens.errors import BadInput
+from kvlens.prompts import check_template, check_visible, continuation, fill
 
 
 def _check_text(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    return value
+    """A non-empty string with a visible character (zero-width or whitespace-only text is refused)."""
+    return check_visible(name, value)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class EditRequest:
         _check_text("prompt", self.prompt)
         if "{" not in self.prompt:
             if self.subject not in self.prompt:
-                raise ValueError(
+                raise BadInput(
                     f"subject {self.subject!r} is not in the prompt {self.prompt!r}; write the prompt as "
                     f"a template with '{{}}' where the subject goes, e.g. '{{}} is located in'")
             object.__setattr__(self, "prompt", self.prompt.replace(self.subject, "{}", 1))
@@ -57,7 +57,7 @@ class EditRequest:
         if self.target_true is not None:
             _check_text("target_true", self.target_true)
             if self.target_true.strip() == self.target_new.strip():
-                raise ValueError(
+                raise BadInput(
                     f"target_new {self.target_new!r} equals target_true: the model already says it, "
                     "there is nothing to edit")
 
@@ -107,12 +107,12 @@ def check_requests(requests: EditRequest | Iterable[EditRequest]) -> tuple[EditR
         other = seen.get(r.key)
         if other is not None:
             if other.target_text.strip() != r.target_text.strip():
-                raise ValueError(
+                raise BadInput(
                     f"conflicting requests for {r.subject!r} / {r.prompt!r}: targets "
                     f"{other.target_new!r} and {r.target_new!r}; one key can store one value (MEMIT Eq. 5)")
             continue
         seen[r.key] = r
         out.append(r)
     if not out:
-        raise ValueError("no edit requests given")
+        raise BadInput("no edit requests given")
     return tuple(out)

@@ -20,6 +20,8 @@ import torch
 
 from kvlens import tracing
 from kvlens.corpus import Corpus, batches, bundled, head_ids
+from kvlens.errors import BadStatistics, CorruptCache
+from kvlens.fileio import atomic_path
 from kvlens.models.kvmodel import KVModel, Site
 from kvlens.models.loading import cache_dir
 
@@ -27,7 +29,7 @@ from kvlens.models.loading import cache_dir
 LOW_SAMPLE_TOKENS = 100_000
 
 
-class StatsCacheError(ValueError):
+class StatsCacheError(CorruptCache):
     """A cached statistics file that cannot be trusted (corrupt, truncated, altered)."""
 
 
@@ -36,11 +38,49 @@ def check_moment(C: torch.Tensor, model: KVModel, layer: int) -> torch.Tensor:
     if not isinstance(C, torch.Tensor):
         raise TypeError(f"statistics for layer {layer} must be a tensor, got {type(C).__name__}")
     if tuple(C.shape) != (model.d_ff, model.d_ff):
-        raise ValueError(f"statistics for layer {layer} have shape {tuple(C.shape)}; "
+        raise BadStatistics(f"statistics for layer {layer} have shape {tuple(C.shape)}; "
                          f"{model.name} needs [{model.d_ff}, {model.d_ff}] (d_ff x d_ff)")
     if not bool(torch.isfinite(C).all()):
-        raise ValueError(f"statistics for layer {layer} contain NaN or Inf")
+        raise BadStatistics(f"statistics for layer {layer} contain NaN or Inf")
     return C
+
+
+#: Relative tolerances of :func:`check_second_moment`: asymmetry, and negative eigenvalues (rounding).
+_ASYMMETRY_TOL = 1e-4
+_NEGATIVE_TOL = 1e-6
+
+
+def check_second_moment(C: torch.Tensor, layer: int, *, invertible: bool = True) -> None:
+    """Refuse a C that cannot be E[kkᵀ] (asymmetric, not positive semi-definite) or, when
+    ``invertible``, cannot be solved with (ROME's u = C⁻¹k*, Eq. 2; MEMIT's (λC + KKᵀ)⁻¹, Eq. 14).
+
+    A Cholesky factorisation (float64) proves positive definiteness cheaply; only when it fails
+    are the eigenvalues computed, to say which property is missing.
+    """
+    C64 = C.detach().double().cpu()
+    scale = float(C64.abs().max())
+    asym = float((C64 - C64.T).abs().max())
+    if asym > _ASYMMETRY_TOL * max(scale, 1e-30):
+        raise BadStatistics(
+            f"statistics for layer {layer} are not symmetric (max |C - Cᵀ| = {asym:.3g}, max |C| = {scale:.3g}), "
+            "so they cannot be a second moment E[kkᵀ]; pass what kvlens.memory.stats.second_moments "
+            "returns (or stats=None to compute them)")
+    if int(torch.linalg.cholesky_ex(C64).info) == 0:
+        return
+    eig = torch.linalg.eigvalsh(C64)
+    lo, hi = float(eig[0]), float(eig[-1])
+    if lo < -_NEGATIVE_TOL * max(abs(hi), abs(lo)):
+        raise BadStatistics(
+            f"statistics for layer {layer} are not positive semi-definite (smallest eigenvalue {lo:.3g}, "
+            f"largest {hi:.3g}), so they cannot be a second moment E[kkᵀ]; pass what "
+            "kvlens.memory.stats.second_moments returns (or stats=None to compute them)")
+    if invertible:
+        ratio = lo / hi if hi > 0 else 0.0
+        raise BadStatistics(
+            f"statistics for layer {layer} are singular or nearly so (smallest/largest eigenvalue "
+            f"{ratio:.1e}, size {C.shape[0]}): C⁻¹ cannot be computed. Collect them over more tokens "
+            f"(n_tokens / the method's stats_tokens, well above d_ff = {C.shape[0]}; ROME used 100k), "
+            "or use ROME(mom2_adjustment=False), or AlphaEdit, which accepts a singular C")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -77,13 +117,13 @@ def load_moment(path: Path) -> torch.Tensor:
 
 
 def _save_moment(path: Path, C: torch.Tensor, n_seen: int, corpus: Corpus) -> None:
-    from safetensors.torch import save_file
+    from safetensors import torch as st
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"C": C.contiguous()}, str(tmp),
-              metadata={"sha256": _digest(C), "tokens": str(n_seen), "corpus": corpus.name})
-    tmp.replace(path)  # atomic: an interrupted write never leaves a half file under the real name
+    # each writer its own temporary file, renamed atomically: an interrupted or concurrent write
+    # never leaves a half file under the real name
+    with atomic_path(path, make_parents=True) as tmp:
+        st.save_file({"C": C.contiguous()}, str(tmp),
+                     metadata={"sha256": _digest(C), "tokens": str(n_seen), "corpus": corpus.name})
 
 
 def _accumulate(model: KVModel, layers: Sequence[int], corpus: Corpus, n_tokens: int, batch_size: int,
@@ -139,7 +179,10 @@ def second_moments(model: KVModel, layers: Sequence[int], corpus: Corpus | None 
     paths = {l: cache_path(model, l, corpus, n_tokens, dtype, cache_root, fp, window) for l in layers} if cache else {}
     for layer, path in paths.items():
         if path.exists():
-            out[layer] = check_moment(load_moment(path), model, layer)
+            try:
+                out[layer] = check_moment(load_moment(path), model, layer)
+            except BadStatistics as exc:
+                raise StatsCacheError(f"statistics cache {path}: {exc}; delete it to recompute") from None
     todo = [l for l in layers if l not in out]
     if todo:
         sums, seen, _ = _accumulate(model, todo, corpus, n_tokens, batch_size, window, progress)
@@ -158,11 +201,16 @@ def throughput(model: KVModel, layers: Sequence[int], corpus: Corpus | None = No
 
 
 def resolve_moments(model: KVModel, layers: Sequence[int], stats: Mapping[int, torch.Tensor] | None,
-                    corpus: Corpus | None, n_tokens: int) -> dict[int, torch.Tensor]:
-    """Given statistics (checked) or ones computed/cached for ``layers``."""
+                    corpus: Corpus | None, n_tokens: int, *, invertible: bool = True) -> dict[int, torch.Tensor]:
+    """Given statistics or ones computed/cached for ``layers``, each checked by
+    :func:`check_second_moment` (``invertible``: ROME and MEMIT solve with C; AlphaEdit does not)."""
     if stats is None:
-        return second_moments(model, layers, corpus, n_tokens=n_tokens)
-    missing = [l for l in layers if l not in stats]
-    if missing:
-        raise ValueError(f"statistics are missing for layers {missing}")
-    return {l: check_moment(stats[l], model, l).float().cpu() for l in layers}
+        out = second_moments(model, layers, corpus, n_tokens=n_tokens)
+    else:
+        missing = [l for l in layers if l not in stats]
+        if missing:
+            raise BadStatistics(f"statistics are missing for layers {missing}")
+        out = {l: check_moment(stats[l], model, l).float().cpu() for l in layers}
+    for layer in layers:
+        check_second_moment(out[layer], layer, invertible=invertible)
+    return out

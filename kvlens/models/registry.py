@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from kvlens.errors import KVLensError
 from kvlens.models.spec import ArchSpec
 
 _GPT2 = ArchSpec(
@@ -44,7 +45,7 @@ _REGISTRY: dict[str, ArchSpec] = {
 _REGISTRY.update({name: replace(_LLAMA, model_type=name) for name in LLAMA_LIKE})
 
 
-class UnknownArchitectureError(KeyError):
+class UnknownArchitectureError(KVLensError, KeyError):
     """Raised for a ``model_type`` that no spec is registered for."""
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
