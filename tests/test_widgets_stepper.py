@@ -40,8 +40,10 @@ def test_next_back_are_bitwise_and_cached(app):
     assert not same(app.model, original)
     rows = probability_rows(app.steps[0].report)
     assert rows[0]["group"] == "edited" and rows[0]["p_new_after"] > rows[0]["p_new_before"]
-    assert [t.name for t in app.probs.data] == ["p(new) before", "p(new) after", "p(true) before", "p(true) after"]
-    assert list(app.probs.data[1].y) == [rows[0]["p_new_after"]]  # the figure shows the measured values
+    bars = {t.name: t for t in app.probs.data}
+    assert set(bars) == {"p(new) before", "p(new) after", "p(true) before", "p(true) after"}
+    assert all(t.orientation == "h" for t in app.probs.data)  # prompt texts on the left, never rotated
+    assert list(bars["p(new) after"].x) == [rows[0]["p_new_after"]]  # the figure shows the measured values
 
     app.method.value = "FT keys"
     app.next()

@@ -62,6 +62,16 @@ def _part_fingerprint(model: KVModel, key: PartKey) -> str:
     return model.fingerprint([key[0]], [key[1]])
 
 
+def _applied_list(model: KVModel) -> list[AppliedEdit]:
+    """The model's own record of its applied edits (kept on the model object: one source of truth)."""
+    return model.__dict__.setdefault("_kvlens_applied_edits", [])
+
+
+def applied_edits(model: KVModel) -> list[AppliedEdit]:
+    """The edits applied to ``model`` now, oldest first (every apply and revert keeps this current)."""
+    return list(_applied_list(model))
+
+
 class AppliedEdit:
     """The handle :meth:`WeightDelta.apply` returns: ``revert()`` restores the weights bitwise."""
 
@@ -89,6 +99,7 @@ class AppliedEdit:
                 self.model.projection(*key).weight.copy_(orig)
         self.active = False
         self.delta._handles.pop(id(self.model), None)
+        _applied_list(self.model).remove(self)
 
     def __repr__(self) -> str:
         return f"AppliedEdit({self.delta.method}, active={self.active})"
@@ -200,6 +211,7 @@ class WeightDelta:
         written = {key: model.projection(*key).weight.detach().clone() for key in self.parts}
         handle = AppliedEdit(self, model, originals, written)
         self._handles[id(model)] = handle
+        _applied_list(model).append(handle)
         return handle
 
     def revert(self, model: KVModel | None = None) -> None:
