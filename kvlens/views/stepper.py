@@ -42,7 +42,7 @@ from kvlens.views import edit_figures
 from kvlens.views.render_edit import outcome_rows, report_rows
 from kvlens.views.report import table_html
 from kvlens.views.widgets import (App, Cancelled, check_index, figure_widget, notice, refresh_edit_state,
-                                  show_figure)
+                                  scored_text, show_figure)
 
 
 def default_methods() -> dict[str, Callable[[], EditMethod]]:
@@ -61,16 +61,8 @@ def in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def scored_label(model: KVModel, target: str) -> str:
-    """What is scored for a typed target: ``' Rome' (1 token)`` or ``' New York' = ' New' + ' York'
-    (2 tokens; probability = geometric mean over them)`` (the continuation rule of
-    :func:`kvlens.prompts.continuation`: a leading space unless the text has one)."""
-    text = continuation(target)
-    ids = continuation_ids(model, text)
-    if len(ids) == 1:
-        return f"{text!r} (1 token)"
-    pieces = " + ".join(repr(t) for t in model.token_strings(ids))
-    return f"{text!r} = {pieces} ({len(ids)} tokens; its probability is the geometric mean over them)"
+#: How the stepper's metrics score a target of several tokens.
+EDIT_SCORE = "its probability is the geometric mean over them"
 
 
 def to_request(case: EvalCase) -> EditRequest:
@@ -237,9 +229,9 @@ class EditStepper(App):
                                  "'{} is located in the city of'")
             self.add([EditRequest(f["prompt"], f["subject"], f["target_new"], f["target_true"].strip() and
                                   f["target_true"] or None)])
-            scored = [f"new target {scored_label(self.model, f['target_new'])}"]
+            scored = [f"new target {scored_text(self.model, f['target_new'], EDIT_SCORE)}"]
             if f["target_true"].strip():
-                scored.append(f"true target {scored_label(self.model, f['target_true'])}")
+                scored.append(f"true target {scored_text(self.model, f['target_true'], EDIT_SCORE)}")
             return "added; scored: " + "; ".join(scored)
         note = self.guard(run, "adding a request", at=self.add_notice)
         if note:

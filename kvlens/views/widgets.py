@@ -197,13 +197,16 @@ class App(widgets.VBox):
         finally:
             self.busy.layout.visibility = "hidden"
 
-    def guard(self, fn: Callable[[], T], what: str = "working", at: widgets.HTML | None = None) -> T | None:
+    def guard(self, fn: Callable[[], T], what: str = "working", at: widgets.HTML | None = None, *,
+              clear: bool = True) -> T | None:
         """Run ``fn`` with the busy indicator; on an exception show it in red at ``at`` and return None.
 
         Warnings ``fn`` raises are shown in orange at ``at`` too (not only in the kernel log). A
-        :class:`Cancelled` is reported as such.
+        :class:`Cancelled` is reported as such. ``clear=False`` keeps the messages shown so far
+        (a later stage of the same action).
         """
-        self.clear_error()
+        if clear:
+            self.clear_error()
         caught: list[warnings.WarningMessage] = []
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -220,6 +223,20 @@ class App(widgets.VBox):
         finally:
             self.show_warnings([str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)], at)
             self.show_edit_state()
+
+
+def scored_text(model: Any, target: str, how: str) -> str:
+    """What is scored for a typed target, by the continuation rule of :func:`kvlens.prompts.continuation`
+    (a leading space unless the text has one): ``' Rome' (1 token)``, or its pieces and ``how`` the
+    tokens of a longer target are combined: ``' New York' = ' New' + ' York' (2 tokens; how)``."""
+    from kvlens.prompts import continuation, continuation_ids
+
+    text = continuation(target)
+    ids = continuation_ids(model, text)
+    if len(ids) == 1:
+        return f"{text!r} (1 token)"
+    pieces = " + ".join(repr(t) for t in model.token_strings(ids))
+    return f"{text!r} = {pieces} ({len(ids)} tokens; {how})"
 
 
 def check_index(value: Any, name: str, low: int, high: int) -> int:
