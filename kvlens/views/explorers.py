@@ -219,15 +219,15 @@ class TraceExplorer(App):
             show_figure(self.heatmap, fig)
             for heat in self.heatmap.data:
                 heat.on_click(self._clicked)
-            self.select_cell(*self.result.peak(self.result.kinds[0]))
+            self.select_cell(*self.result.peak(self.result.kinds[0]), clear=False)
         self.guard(go_trace, f"tracing ({self.mode.value})", at=self.run_notice, clear=False)
 
     def _clicked(self, _trace: Any, points: Any, _state: Any) -> None:
         if points.xs:
             self.select_cell(int(str(points.ys[0]).split(":")[0]), int(points.xs[0]))
 
-    def select_cell(self, token: int, layer: int) -> None:
-        """Show the detail of cell (``token``, ``layer``)."""
+    def select_cell(self, token: int, layer: int, *, clear: bool = True) -> None:
+        """Show the detail of cell (``token``, ``layer``) (``clear=False``: keep the messages shown)."""
         def show() -> None:
             if self.result is None:
                 raise ValueError("no trace yet: press Trace")
@@ -237,4 +237,4 @@ class TraceExplorer(App):
                               for k in tr.kinds)
             self.detail.value = (f"<b>token {token} {html.escape(repr(tr.tokens[token]))}, layer {layer}</b>: "
                                  f"{html.escape(cells)}")
-        self.guard(show, f"cell ({token}, {layer})", at=self.cell_notice)
+        self.guard(show, f"cell ({token}, {layer})", at=self.cell_notice, clear=clear)
