@@ -15,7 +15,7 @@ def test_tour_writes_an_offline_report(embedded, tmp_path, capsys, monkeypatch):
     assert cli.main(["tour", "--out", str(tmp_path / "r.html"), "--layer", "5"]) == 0
     assert "wrote" in capsys.readouterr().out
     page = (tmp_path / "r.html").read_text()
-    assert "Paris" in page and "Key activations at layer 5" in page and "SmolLM2" in page
+    assert "Paris" in page and "Inspect: key activations at layer 5" in page and "SmolLM2" in page
     assert page.count("plotly.js v") <= 2  # the library inlined once (its banner)
     assert not re.search(r"<script[^>]+src=", page)  # nothing fetched at view time
 
