@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvlens.models.loading import load
-from kvlens.views.tour import DEFAULT_CASE, DEFAULT_CASES, DEFAULT_PROMPT, DEFAULT_SAMPLES, prediction_section, tour
+from kvlens.views.tour import (
+    DEFAULT_CASE,
+    DEFAULT_CASES,
+    DEFAULT_PROMPT,
+    DEFAULT_SAMPLES,
+    prediction_section,
+    tour,
+)
 
 __all__ = ["DEFAULT_PROMPT", "main", "prediction_section", "tour"]
 

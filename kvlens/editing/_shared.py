@@ -29,6 +29,7 @@ from kvlens.editing.request import EditRequest
 from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.prompts import continuation_ids, subject_span
 
+
 @dataclass(frozen=True)
 class EditProgress:
     """One optimisation step of an edit: ``stage`` (``"target vectors"`` / ``"fine-tuning"``), step

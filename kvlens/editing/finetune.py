@@ -23,7 +23,14 @@ from typing import Any, Literal
 import torch
 
 from kvlens import tracing
-from kvlens.editing._shared import Rows, build_rows, context_templates, forward_logprobs, report_step, request_losses
+from kvlens.editing._shared import (
+    Rows,
+    build_rows,
+    context_templates,
+    forward_logprobs,
+    report_step,
+    request_losses,
+)
 from kvlens.editing.base import EditMethod, check_layers, register_method
 from kvlens.editing.delta import Part, WeightDelta
 from kvlens.editing.hparams import FT_PRESETS, FTHparams

@@ -29,7 +29,6 @@ from kvlens.views import figures, trace_figures
 from kvlens.views.widgets import App, check_index, figure_widget, notice, scored_text, show_figure
 
 
-
 def memory_firing_bars(acts: KeyActivations, layer: int, memory: int, prompt: int = 0) -> go.Figure:
     """The coefficient of one memory at every token of a prompt (where its key fires)."""
     coef = acts.coefficients[layer][prompt, : len(acts.tokens[prompt]), memory].tolist()

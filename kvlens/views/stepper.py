@@ -41,8 +41,16 @@ from kvlens.prompts import continuation, continuation_ids, subject_span
 from kvlens.views import edit_figures
 from kvlens.views.render_edit import outcome_rows, report_rows
 from kvlens.views.report import table_html
-from kvlens.views.widgets import (App, Cancelled, check_index, figure_widget, notice, refresh_edit_state,
-                                  scored_text, show_figure)
+from kvlens.views.widgets import (
+    App,
+    Cancelled,
+    check_index,
+    figure_widget,
+    notice,
+    refresh_edit_state,
+    scored_text,
+    show_figure,
+)
 
 
 def default_methods() -> dict[str, Callable[[], EditMethod]]:
