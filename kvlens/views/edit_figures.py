@@ -82,7 +82,7 @@ def edit_reach_lines(before: LayerReadout, after: LayerReadout, edited: Sequence
     for col in (1, 2):
         for layer in edited:
             fig.add_vrect(x0=layer - 0.5, x1=layer + 0.5, fillcolor="gold", opacity=0.3, line_width=0, row=1, col=col)
-        fig.update_xaxes(title_text="layer (edited: shaded)", row=1, col=col)
+        fig.update_xaxes(title_text="layer (edited: shaded)", tick0=0, dtick=max(1, len(layers) // 10), row=1, col=col)
     fig.update_yaxes(title_text="L2 norm of the change", row=1, col=1)
     fig.update_yaxes(title_text="probability (logit lens)", range=[0, 1], row=1, col=2)
     title = f"{label + ': ' if label else ''}where the edit acts on {_short(before.prompt, 50)!r}"

@@ -31,16 +31,16 @@ def _heatmap(tr: CausalTrace, kind: str, colorbar: dict[str, Any] | None = None)
     z = tr.scores[kind].numpy()
     window = tr.params.get("window")
     title = f"p({tr.target.strip()})" + ("" if kind == "hidden" else f", window {window}")
-    bar: dict[str, Any] = dict(title=dict(text=title, side="right"), thickness=12, **(colorbar or {}))
+    bar: dict[str, Any] = dict(title=dict(text=title, side="right"), thickness=12, tickformat=".2g",
+                               **(colorbar or {}))
     return go.Heatmap(z=z, x=list(range(tr.n_layers)), y=token_labels(tr), colorscale=COLORSCALES[kind],
                       zmin=tr.low, zmax=max(tr.low + 1e-9, float(z.max())), colorbar=bar,
                       hovertemplate="layer %{x}<br>%{y}<br>p=%{z:.3f}<extra></extra>")
 
 
 def _title(tr: CausalTrace, head: str) -> str:
-    note = "" if not tr.estimate else " — ESTIMATE (attribution patching)"
-    return (f"{head}<br><sup>p clean {tr.high:.3f}, corrupted {tr.low:.3f}; subject tokens marked *; "
-            f"{tr.label}{note}</sup>")
+    how = "ESTIMATE (attribution patching)" if tr.estimate else f"exact, {tr.params.get('samples')} noise samples"
+    return f"{head}<br><sup>{how}; p clean {tr.high:.3f}, corrupted {tr.low:.3f}; subject tokens marked *</sup>"
 
 
 def trace_heatmap(tr: CausalTrace, kind: str | None = None) -> go.Figure:
@@ -60,7 +60,7 @@ def trace_heatmaps(tr: CausalTrace) -> go.Figure:
     its own right edge, in the gap before the next panel, its title written along it.
     """
     n = len(tr.kinds)
-    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.1 if n > 1 else 0.0,
+    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.14 if n > 1 else 0.0,
                         subplot_titles=[NAMES[k] for k in tr.kinds])
     for i, kind in enumerate(tr.kinds):
         domain = fig.layout[f"xaxis{i + 1 if i else ''}"].domain

@@ -221,7 +221,9 @@ class App(widgets.VBox):
             self.say(f"{what}: failed")
             return None
         finally:
-            self.show_warnings([str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)], at)
+            # deprecation notices are about library code, not about the user's result: not shown
+            shown = [str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+            self.show_warnings(shown, at)
             self.show_edit_state()
 
 
