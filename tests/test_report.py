@@ -108,6 +108,9 @@ def test_edit_results_render(tmp_path):
     history.push(delta)
     history.undo()
     r = Report("edits").add(delta, scores, history)
+    assert "not applied to the model now" in r.sections[0].text
+    with delta.applied(model):
+        assert "It is applied to the model now" in Report("applied").add(delta).sections[0].text
     titles = [s.title for s in r.sections]
     assert titles == ["Edit: ft (value weights)", "Edit: ft, target probability on each edited prompt",
                       "Edit: ft, optimisation", "Evaluate: FT values", "Edit: sequential edits, weight norms"]

@@ -38,6 +38,9 @@ def _delta(result: WeightDelta) -> list[Section]:
             + (" …" if len(result.requests) > 8 else "") + ".")
     if "seconds" in result.info:
         text += f" Computed in {result.info['seconds']:.1f} s."
+    # the edit state when the report is made (WeightDelta's own record of where it is applied)
+    text += (" It is applied to the model now: the sections below that read the model see it." if result._handles
+             else " It is not applied to the model now (computed, measured and reverted).")
     params = {"model": result.model_name, "method": result.method, "hparams": result.hparams,
               "requests": [q.to_dict() for q in result.requests], "fingerprints": {f"{l}.{r}": fp for (l, r), fp in result.base.items()}}
     sections = [Section(f"Edit: {result.method} ({'+'.join(roles)} weights)", text=text, table=delta_rows(result),
