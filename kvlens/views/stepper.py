@@ -19,28 +19,34 @@ from __future__ import annotations
 import html
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 
 from kvlens.causal.trace import trace
 from kvlens.datasets import EvalCase, as_cases, load_bundled
-from kvlens.editing import MEMIT, ROME, KeyFT, LoRAKeys, LoRAValues, ValueFT
 from kvlens.editing._shared import EditProgress
 from kvlens.editing.base import EditMethod
-from kvlens.editing.delta import WeightDelta
 from kvlens.editing.history import EditHistory
 from kvlens.editing.request import EditRequest
-from kvlens.evaluate import EditReport, evaluate
-from kvlens.memory.activations import KeyActivations, keys
-from kvlens.memory.readout import LayerReadout, layer_readout
+from kvlens.evaluate import evaluate
+from kvlens.memory.activations import keys
+from kvlens.memory.readout import layer_readout
 from kvlens.models.kvmodel import KVModel
 from kvlens.prompts import continuation, continuation_ids, subject_span
 from kvlens.views import edit_figures
 from kvlens.views.render_edit import outcome_rows, report_rows
 from kvlens.views.report import table_html
+from kvlens.views.steps import (
+    EDIT_SCORE,
+    NO_EDIT_HTML,
+    Step,
+    default_methods,
+    empty_figure,
+    in_kernel,
+    probability_rows,
+    to_request,
+)
 from kvlens.views.widgets import (
     App,
     Cancelled,
@@ -52,82 +58,7 @@ from kvlens.views.widgets import (
     show_figure,
 )
 
-
-def default_methods() -> dict[str, Callable[[], EditMethod]]:
-    """The method menu: value-side and key-side methods with their presets for the model."""
-    return {"ROME (values)": ROME, "MEMIT (values)": MEMIT, "fine-tune values": ValueFT,
-            "fine-tune keys": KeyFT, "LoRA values": LoRAValues, "LoRA keys": LoRAKeys}
-
-
-def in_kernel() -> bool:
-    """True inside a running IPython kernel (where button callbacks must not block)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
-#: How the stepper's metrics score a target of several tokens.
-EDIT_SCORE = "its probability is the geometric mean over them"
-
-
-def to_request(case: EvalCase) -> EditRequest:
-    """The edit request of an evaluation case."""
-    return EditRequest(case.prompt, case.subject, case.target_new, case.target_true)
-
-
-def probability_rows(report: EditReport) -> list[dict[str, Any]]:
-    """Rows for :func:`~kvlens.views.edit_figures.target_probability_bars` from a before/after report."""
-    before, after = report.raw["before"][0], report.raw["after"][0]
-    rows: list[dict[str, Any]] = []
-    groups = (("edited", "rewrite_new", "rewrite_true"), ("paraphrase", "paraphrase_new", "paraphrase_true"),
-              ("neighbour", "neighborhood_new", "neighborhood_expected"))
-    for group, new_key, true_key in groups:
-        for i, score in enumerate(after[new_key] or after[true_key]):
-            row: dict[str, Any] = {"group": group, "prompt": score.prompt}
-            for state, raw in (("before", before), ("after", after)):
-                row[f"p_new_{state}"] = raw[new_key][i].prob if raw[new_key] else None
-                row[f"p_true_{state}"] = raw[true_key][i].prob if raw[true_key] else None
-            rows.append(row)
-    return rows
-
-
-@dataclass
-class Step:
-    """One computed step: the delta, its before/after report, key activations and layer read-outs
-    before and after (the ``*_after`` ones are read with the edit applied)."""
-
-    label: str
-    case: EvalCase
-    delta: WeightDelta
-    report: EditReport
-    keys_before: KeyActivations
-    readout_before: LayerReadout
-    keys_after: KeyActivations | None = None
-    readout_after: LayerReadout | None = None
-    figures: dict[str, go.Figure | None] = field(default_factory=dict)  # drawn once, redrawn from here
-
-    def figure(self, name: str, make: Callable[[], go.Figure | None]) -> go.Figure | None:
-        """The step's figure ``name``, built by ``make`` the first time (a step's figures never change)."""
-        if name not in self.figures:
-            self.figures[name] = make()
-        return self.figures[name]
-
-    @property
-    def key_side(self) -> bool:
-        """True when the edit changes keys or gates (so the key activations themselves move)."""
-        return any(role in ("key", "gate") for role in self.delta.roles)
-
-
-def _empty(title: str, height: int = 160) -> go.Figure:
-    fig = go.Figure()
-    fig.update_layout(title=title, height=height, xaxis_visible=False, yaxis_visible=False)
-    return fig
-
-
-_NO_EDIT = "<p><i>No edit is applied: press Next ▶ to compute and apply the first one.</i></p>"
+__all__ = ["EDIT_SCORE", "EditStepper", "Step", "default_methods", "in_kernel", "probability_rows", "to_request"]
 
 
 class EditStepper(App):
@@ -157,7 +88,7 @@ class EditStepper(App):
         self._cancel = threading.Event()
         self._worker: threading.Thread | None = None
         self.progress_log: list[EditProgress] = []  # the steps reported by the last computation
-        self._blank = _empty("", 10)
+        self._blank = empty_figure("", 10)
         self.method = widgets.Dropdown(options=list(self.methods), value=method or next(iter(self.methods)),
                                        description="method")
         self.next_button = widgets.Button(description="Next ▶", button_style="primary")
@@ -421,7 +352,7 @@ class EditStepper(App):
         self.show_edit_state()
         shown = self._key(len(self.steps))
         if getattr(self, "_traced_for", None) != shown:  # the re-trace belonged to another state
-            show_figure(self.trace_fig, _empty("Re-trace: press the button to compare before and after the "
+            show_figure(self.trace_fig, empty_figure("Re-trace: press the button to compare before and after the "
                                                "last applied edit"))
             self._traced_for = None
         if self.steps:
@@ -436,11 +367,11 @@ class EditStepper(App):
                               (self.acts_fig, "Where the edit acts: no edit is applied"),
                               (self.parts_fig, "Inside the edit: no edit is applied"),
                               (self.norms_fig, "Weight norms: no edit is applied")):
-            show_figure(widget, _empty(title))
+            show_figure(widget, empty_figure(title))
         for widget in (self.key_fig, self.opt_fig, self.shares_fig, self.edit_key_fig):
             show_figure(widget, self._blank)
             widget.layout.height = 10
-        self.metrics.value = self.inside.value = _NO_EDIT
+        self.metrics.value = self.inside.value = NO_EDIT_HTML
 
     def _draw(self, step: Step) -> None:
         n = len(self.steps)
