@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 import pytest
+from test_causal import PROMPT, SUBJECT, sharp
 
 from kvlens.causal import sever, trace, trace_many
 from kvlens.views import trace_figures as tf
-from test_causal import PROMPT, SUBJECT, sharp
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +55,19 @@ def test_average_curves_draw_bands_per_token_group(model):
     assert str(summary.n_facts) in fig.layout.title.text
     with pytest.raises(KeyError):
         tf.average_curves(summary, "neurons")
+
+
+def test_heatmaps_fit_the_column_and_each_colour_bar_sits_beside_its_own_panel(model):
+    tr = trace(model, PROMPT, SUBJECT, kind="all", noise=1.0, samples=1, window=2, mode="approx", progress=False)
+    for fig in (tf.trace_heatmaps(tr), tf.trace_heatmap(tr, "mlp")):
+        assert fig.layout.width is None and fig.layout.autosize  # the notebook column's width, no overflow
+    fig = tf.trace_heatmaps(tr)
+    domains = [fig.layout[f"xaxis{i + 1 if i else ''}"].domain for i in range(3)]
+    for i, heat in enumerate(fig.data):
+        bar = heat.colorbar
+        assert bar.xanchor == "left" and domains[i][1] <= bar.x  # right of its own panel ...
+        if i < 2:
+            assert bar.x + 0.03 < domains[i + 1][0]  # ... and left of the next one, not on it
+        assert bar.title.side == "right"  # its title runs along the bar, never over a neighbour
+    title = fig.layout.title.text
+    assert "<br>" in title and "corrupted" in title.split("<br>")[1]  # wrapped, not one overflowing line

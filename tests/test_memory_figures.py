@@ -78,3 +78,18 @@ def test_trigger_table_highlights_the_token(m, tmp_path):
     cells = fig.data[0].cells.values
     assert list(cells[0]) == [1, 2, 3] and all("<b>[" in t for t in cells[2])
     assert "<with>" not in "".join(cells[2])  # corpus text is escaped
+
+
+def test_value_bars_give_distinct_tokens_distinct_rows():
+    import torch
+
+    # two byte pieces that both decode to '�' (one promoted, one suppressed), and a plain token
+    proj = vocab.VocabProjection("m", 0, [5], "none", torch.tensor([[7, 8]]), torch.tensor([[2.0, 1.0]]),
+                                 [["\ufffd", " Paris"]], torch.tensor([[9, 3]]), torch.tensor([[-2.0, -1.0]]),
+                                 [["\ufffd", " Rome"]])
+    fig = figures.value_token_bars(proj, 5)
+    rows = list(fig.data[0].y)
+    assert len(set(rows)) == 4 and "' Paris'" in rows and "'\ufffd' (id 7)" in rows and "'\ufffd' (id 9)" in rows
+    shown = figures.value_token_bars(proj, 5, pieces={7: "<0xE2>", 9: "<0x80>"})
+    assert "'<0xE2>' (id 7)" in shown.data[0].y and "'<0x80>' (id 9)" in shown.data[0].y  # bytes, by their piece
+    assert fig.layout.yaxis.type == "category" and list(fig.data[0].customdata) == [3, 9, 8, 7]

@@ -22,7 +22,7 @@ def test_add_accepts_results_figures_text_and_tables(acts):
     fig = go.Figure(go.Bar(x=["a", "b"], y=[1, 2]), layout=dict(title="bars"))
     r = Report("mixed").add(acts, fig, "a plain note", {"title": "Settings", "lr": 0.5}, Section("raw"))
     titles = [s.title for s in r.sections]
-    assert titles == ["Key activations at layer 0", "Key activations at layer 2", "bars", "Notes",
+    assert titles == ["Inspect: key activations at layer 0", "Inspect: key activations at layer 2", "bars", "Notes",
                       "Settings", "raw"]
     key_section = r.sections[1]
     assert key_section.params["layer"] == 2 and key_section.params["prompt"] == "hello world"
@@ -78,8 +78,9 @@ def test_memory_results_render_with_their_parameters(embedded):
                    {(f.layer, f.memory): 0.0 for f in found.found}, target=" Paris")
     r = Report("memories").add(proj, found, lens, iv)
     titles = [s.title for s in r.sections]
-    assert titles[:2] == ["Values of layer 20 in vocabulary space", "Memories whose value writes ' Paris'"]
-    assert titles[2].startswith("Logit lens") and titles[3] == "Intervention on memories"
+    assert titles[:2] == ["Inspect: values of layer 20 in vocabulary space",
+                          "Inspect: memories whose value writes ' Paris'"]
+    assert titles[2].startswith("Inspect: logit lens") and titles[3] == "Inspect: intervention on memories"
     assert len(r.sections[0].all_figures()) == 4 and len(r.sections[0].table) == 5
     assert r.sections[0].params["memories"] == [5, 6, 7, 8, 9] and r.sections[1].params["layers"] == [20, 25]
     assert [row["memory"] for row in r.sections[1].table] == [f.memory for f in found.found]
@@ -107,9 +108,12 @@ def test_edit_results_render(tmp_path):
     history.push(delta)
     history.undo()
     r = Report("edits").add(delta, scores, history)
+    assert "not applied to the model now" in r.sections[0].text
+    with delta.applied(model):
+        assert "It is applied to the model now" in Report("applied").add(delta).sections[0].text
     titles = [s.title for s in r.sections]
-    assert titles == ["Edit: ft", "Edit: ft, target probability on each edited prompt", "Edit: ft, optimisation",
-                      "Evaluation: FT values", "Sequential edits: weight norms"]
+    assert titles == ["Edit: ft (value weights)", "Edit: ft, target probability on each edited prompt",
+                      "Edit: ft, optimisation", "Evaluate: FT values", "Edit: sequential edits, weight norms"]
     assert r.sections[0].table == [{"layer": 1, "role": "value", "rank": "dense", "norm": delta.parts[(1, "value")].norm()}]
     assert r.sections[0].params["fingerprints"] == {"1.value": delta.base[(1, "value")]}
     assert {row["metric"] for row in r.sections[3].table} >= {"ES", "PS", "NS"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import time
 import warnings
 
@@ -40,8 +41,10 @@ def test_next_back_are_bitwise_and_cached(app):
     assert not same(app.model, original)
     rows = probability_rows(app.steps[0].report)
     assert rows[0]["group"] == "edited" and rows[0]["p_new_after"] > rows[0]["p_new_before"]
-    assert [t.name for t in app.probs.data] == ["p(new) before", "p(new) after", "p(true) before", "p(true) after"]
-    assert list(app.probs.data[1].y) == [rows[0]["p_new_after"]]  # the figure shows the measured values
+    bars = {t.name: t for t in app.probs.data}
+    assert set(bars) == {"p(new) before", "p(new) after", "p(true) before", "p(true) after"}
+    assert all(t.orientation == "h" for t in app.probs.data)  # prompt texts on the left, never rotated
+    assert list(bars["p(new) after"].x) == [rows[0]["p_new_after"]]  # the figure shows the measured values
 
     app.method.value = "FT keys"
     app.next()
@@ -114,8 +117,111 @@ def test_inside_the_edit_shows_the_target_optimisation_layer_shares_and_key():
     app.next()
     assert app.error_text == ""
     steps = len(app.steps[0].delta.info["opt"]["curves"]["nll"][0])
+    assert [p.step for p in app.progress_log] == list(range(1, steps + 1))  # the z loop reported every step
+    assert {p.stage for p in app.progress_log} == {"target vectors"}
     names = [t.name for t in app.opt_fig.data]
     assert len(names) == 5 and len(app.opt_fig.data[0].y) == steps  # NLL, KL, penalty, ‖δ‖ and its clamp
     assert "share of the residual" in app.shares_fig.layout.title.text
     assert app.shares_fig.data[0].x == ("L0", "L1")
     assert app.edit_key_fig.data[0].name.startswith("k*") and app.edit_key_fig.layout.height > 10
+
+
+def test_views_never_show_a_step_that_is_not_applied(app):
+    app.next()
+    assert "Step 1" in app.metrics.value and app.probs.layout.title.text.startswith("Step 1")
+    app.method.value = "FT keys"
+    app.next()
+    assert "Step 2 (FT keys)" in app.metrics.value
+    app.back()  # back to step 1: every tab shows step 1 again
+    assert "Step 1 (FT values)" in app.metrics.value and app.probs.layout.title.text.startswith("Step 1")
+    assert "Step 1:" in app.inside.value and app.key_fig.layout.height == 10  # FT values: no key chart
+    app.revert_all()  # nothing applied: nothing from a step is left on screen
+    assert "No edit is applied" in app.metrics.value and "No edit is applied" in app.inside.value
+    for fig in (app.probs, app.acts_fig, app.parts_fig, app.norms_fig):
+        assert "no edit is applied" in fig.layout.title.text and len(fig.data) == 0
+    assert len(app.opt_fig.data) == 0 and len(app.trace_fig.data) == 0
+
+
+def test_every_app_on_the_model_says_whether_it_is_edited(app):
+    from kvlens.editing.delta import applied_edits
+    from kvlens.views.explorers import MemoryBrowser
+
+    browser = MemoryBrowser(app.model, "Bob lives in", layer=1, k=3)
+    assert "model unedited" in browser.edit_state.value and "model unedited" in app.edit_state.value
+    app.next()
+    assert len(applied_edits(app.model)) == 1
+    for shown in (app.edit_state.value, browser.edit_state.value):
+        assert "model edited: 1 edit applied (ft L1 value)" in shown
+    delta = app.steps[0].delta
+    app.revert_all()
+    assert applied_edits(app.model) == [] and "model unedited" in browser.edit_state.value
+    with delta.applied(app.model):  # an edit applied by hand is seen too: the record is the model's
+        assert len(applied_edits(app.model)) == 1
+    assert applied_edits(app.model) == []
+
+
+def test_value_edit_shows_where_it_acts_not_unchanged_keys(app):
+    app.next()  # FT values at layer 1
+    step = app.steps[0]
+    change = step.readout_before.change(step.readout_after)
+    assert change["mlp_subject"][0] == 0.0 and change["mlp_subject"][1] > 0  # acts at layer 1, not below
+    assert change["resid_last"][0] == 0.0 and change["resid_last"][-1] > 0  # and on every layer above
+    assert "where the edit acts" in app.acts_fig.layout.title.text
+    assert list(app.acts_fig.data[0].y) == change["mlp_subject"]
+    assert app.key_fig.layout.height == 10  # the key activations at layer 1 did not move: not drawn
+
+
+def test_background_step_shows_progress_and_cancel_leaves_the_model_bit_identical():
+    warnings.simplefilter("ignore")
+    model = tiny("llama")
+    slow = {"FT values": lambda: ValueFT(layers=(1,), lr=1e-6, steps=2000, early_stop=0.0, norm_constraint=None)}
+    app = EditStepper(model, [EditRequest("{} lives in", "Bob", " Rome", " Oslo")], methods=slow, background=True)
+    original = weights(model)
+    app.next_button.click()
+    deadline = time.monotonic() + 120
+    while len(app.progress_log) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(app.progress_log) >= 3 and app.busy_computing  # steps advance while the kernel is free
+    assert app.progress_log[-1].step > app.progress_log[0].step and app.busy.value > 0.05
+    assert "fine-tuning step" in app.status.value and app.next_button.disabled
+    assert app.cancel_button.layout.visibility == "visible"
+    app.back()  # refused while computing, not queued
+    assert "being computed" in app.error_text
+    app.cancel_button.click()
+    app.wait(60)
+    assert not app.busy_computing and app.steps == [] and len(app.history) == 0
+    assert same(model, original) and "cancelled" in app.error_text
+    assert not app.next_button.disabled and app.cancel_button.layout.visibility == "hidden"
+
+
+def test_typed_targets_follow_one_continuation_rule_and_say_what_is_scored(app):
+    app.fields["prompt"].value = "{} is in"
+    app.fields["subject"].value = "Carol"
+    app.fields["target_new"].value = "Rome"  # no leading space: scored as " Rome", like everywhere else
+    app.add_typed()
+    assert app.error_text == "" and app.queue[-1].target_new == " Rome"
+    assert "new target ' Rome'" in app.note_text and "geometric mean" in app.note_text  # multi-token here
+    assert app.list.options[-1].endswith("→ ' Rome'")
+
+
+def test_bad_input_is_refused_beside_its_box_and_leaves_everything_untouched(app):
+    original, queued = weights(app.model), len(app.queue)
+    cases = [({"prompt": "", "subject": "Bob", "target_new": "Rome"}, "prompt is empty"),
+             ({"prompt": "{} is in", "subject": " ", "target_new": "Rome"}, "subject is empty"),
+             ({"prompt": "{} is in", "subject": "Bob", "target_new": ""}, "target_new is empty"),
+             ({"prompt": "Alice is in", "subject": "Bob", "target_new": "Rome"}, "is not in the prompt"),
+             ({"prompt": "{} and {} are in", "subject": "Bob", "target_new": "Rome"}, "exactly one '{}'")]
+    for typed, message in cases:
+        for name, w in app.fields.items():
+            w.value = typed.get(name, "")
+        app.add_typed()
+        assert message in html.unescape(app.add_notice.value) and message in app.error_text, typed
+        assert len(app.queue) == queued and same(app.model, original)
+    for bad in (0, -3, 10_000):
+        app.n_cases.value = bad
+        app.cases_button.click()
+        assert "out of range: choose an integer from 1 to" in app.cases_notice.value
+        assert app.n_cases.value == bad and len(app.queue) == queued  # said, never clamped
+    empty = EditStepper(app.model, methods=app.methods)
+    empty.next()  # nothing queued: said beside Next, nothing changes
+    assert "the queue is done" in empty.step_notice.value and empty.steps == [] and same(app.model, original)

@@ -7,13 +7,17 @@
 * states at the subject's last token averaged over contexts (the key k* of ROME, Eq. 19 of MEMIT);
 * per-request losses (length-normalized NLL of the target + KL + decay);
 * target-vector optimisation (ROME compute_v / MEMIT compute_z, Eq. 16) for many requests at once;
-* the before/after probability of every target on its own prompt.
+* the before/after probability of every target on its own prompt;
+* a progress hook: :func:`on_progress` makes the optimisation loops report each step
+  (:class:`EditProgress`) to a callable, which may raise to stop the computation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +28,44 @@ from kvlens.editing.hparams import Contexts
 from kvlens.editing.request import EditRequest
 from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.prompts import check_length, continuation_ids, subject_span
+
+
+@dataclass(frozen=True)
+class EditProgress:
+    """One optimisation step of an edit: ``stage`` (``"target vectors"`` / ``"fine-tuning"``), step
+    ``step`` of at most ``total``, the summed loss, and how many requests are still optimising."""
+
+    stage: str
+    step: int
+    total: int
+    loss: float
+    active: int
+
+
+_PROGRESS: ContextVar[Callable[[EditProgress], None] | None] = ContextVar("kvlens_edit_progress", default=None)
+
+
+@contextlib.contextmanager
+def on_progress(callback: Callable[[EditProgress], None] | None) -> Iterator[None]:
+    """Within the block, the editing loops call ``callback(EditProgress)`` after each step (None: keep
+    the current one). An exception it raises (e.g. a ``KeyboardInterrupt`` subclass for *Cancel*)
+    stops the computation; every method restores the model bitwise on the way out."""
+    if callback is None:
+        yield
+        return
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def report_step(stage: str, step: int, total: int, loss: float, active: int) -> None:
+    """Tell the :func:`on_progress` callback, if any, that ``step`` of ``total`` is done."""
+    callback = _PROGRESS.get()
+    if callback is not None:
+        callback(EditProgress(stage, step, total, loss, active))
+
 
 _STARTERS = ("The", "Therefore", "Because", "I", "You")  # MEMIT's generation seeds
 KL_PROMPT = "{} is a"  # ROME's essence prompt
@@ -241,7 +283,7 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
     kl_init: torch.Tensor | None = None
     prefix = tracing.prefix_run(model, rows.batch, layer, rows.subject) if skip_fixed else None
     sub, sub_prefix, sub_idx = rows, prefix, torch.arange(n)
-    for _ in range(opt.steps):
+    for step in range(opt.steps):
         leaf = delta[sub_idx.to(dev)].clone().requires_grad_(True)
         tgt_logp, kl_logp = forward_logprobs(model, sub, leaf[sub.request.to(dev)], layer=layer, prefix=sub_prefix)
         if kl_init is None:
@@ -255,6 +297,8 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
             for i, v in zip(sub_idx.tolist(), value.detach().cpu().tolist()):
                 curves[name][i].append(v)
         done = loss.detach().cpu() < opt.early_stop
+        report_step("target vectors", step + 1, opt.steps, float(loss.detach().sum()),
+                    int((~done).sum()))
         if bool(done.all()):
             break
         (grad,) = torch.autograd.grad(loss[~done.to(loss.device)].sum(), leaf)

@@ -16,7 +16,7 @@ from dataclasses import replace
 from functools import reduce
 from typing import Any, ClassVar, TypeVar
 
-from kvlens.editing._shared import outcome, target_report
+from kvlens.editing._shared import EditProgress, on_progress, outcome, target_report
 from kvlens.editing.delta import WeightDelta
 from kvlens.editing.history import EditHistory
 from kvlens.editing.hparams import check_fields, check_hparams, preset_for
@@ -69,18 +69,22 @@ class EditMethod(abc.ABC):
         """The method's math; must leave ``model`` bit-identical."""
 
     def compute(self, model: KVModel, requests: EditRequest | Iterable[EditRequest], *,
-                report: bool = True, **kwargs: Any) -> WeightDelta:
+                report: bool = True, progress: Callable[[EditProgress], None] | None = None,
+                **kwargs: Any) -> WeightDelta:
         """A :class:`WeightDelta` implementing ``requests`` on ``model`` (which is left unchanged).
 
         ``delta.info["outcome"]`` holds each target's probability before/after on its own prompt;
-        a warning says plainly when the optimisation did not make the target top-1.
+        a warning says plainly when the optimisation did not make the target top-1. ``progress``
+        is called after each optimisation step (:class:`~kvlens.editing._shared.EditProgress`); an
+        exception it raises stops the computation with the model left bit-identical.
         """
         reqs = check_requests(requests)
         hp = self.hparams_for(model)
         self.check(model, hp)
         before = target_report(model, reqs) if report else None
         start = time.perf_counter()
-        delta = self._compute(model, reqs, hp, **kwargs)
+        with on_progress(progress):
+            delta = self._compute(model, reqs, hp, **kwargs)
         delta.info["seconds"] = time.perf_counter() - start
         if before is not None:
             delta.info["outcome"] = outcome(model, reqs, before, delta)

@@ -83,6 +83,16 @@ def _edit_stacks(model: KVModel) -> dict[PartKey, list[AppliedEdit]]:
     return stacks
 
 
+def _applied_list(model: KVModel) -> list[AppliedEdit]:
+    """The model's applied edits in the order applied (kept on the model, beside the per-weight stacks)."""
+    return model.__dict__.setdefault("_kvlens_applied_edits", [])
+
+
+def applied_edits(model: KVModel) -> list[AppliedEdit]:
+    """The edits applied to ``model`` now, oldest first (every apply and revert keeps this current)."""
+    return list(_applied_list(model))
+
+
 class AppliedEdit:
     """The handle :meth:`WeightDelta.apply` returns: ``revert()`` removes exactly this edit.
 
@@ -135,6 +145,7 @@ class AppliedEdit:
                 del stacks[key]
         self.active = False
         self.delta._handles.pop(id(self.model), None)
+        _applied_list(self.model).remove(self)
 
     def __repr__(self) -> str:
         return f"AppliedEdit({self.delta.method}, active={self.active})"
@@ -269,6 +280,7 @@ class WeightDelta:
         for key in self.parts:
             stacks.setdefault(key, []).append(handle)
         self._handles[id(model)] = handle
+        _applied_list(model).append(handle)
         return handle
 
     def revert(self, model: KVModel | None = None) -> None:

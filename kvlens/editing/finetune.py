@@ -23,7 +23,14 @@ from typing import Any, Literal
 import torch
 
 from kvlens import tracing
-from kvlens.editing._shared import Rows, build_rows, context_templates, forward_logprobs, request_losses
+from kvlens.editing._shared import (
+    Rows,
+    build_rows,
+    context_templates,
+    forward_logprobs,
+    report_step,
+    request_losses,
+)
 from kvlens.editing.base import EditMethod, check_layers, register_method
 from kvlens.editing.delta import Part, WeightDelta
 from kvlens.editing.hparams import FT_PRESETS, FTHparams
@@ -62,6 +69,7 @@ def fit(model: KVModel, rows: Rows, params: list[torch.Tensor], *, steps: int, l
             kl_init = kl_logp.detach()
         loss = (nll + kl).sum() + (penalty() if penalty is not None else 0.0)
         losses.append(float(loss.detach()))
+        report_step("fine-tuning", len(losses), steps, losses[-1], int((nll >= early_stop).sum()))
         if bool((nll < early_stop).all()):
             break
         opt.zero_grad()

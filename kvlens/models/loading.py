@@ -8,12 +8,14 @@ and later loads read the copy.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +289,21 @@ def _quantization_config(load_in_4bit: bool) -> Any:
                               bnb_4bit_compute_dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """Within the block, transformers' progress bars are off if ``quiet`` (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if quiet and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, device_map: str | dict[str, Any] | None = None,
          load_in_4bit: bool = False, prefix: str | None = None, **from_pretrained: Any) -> KVModel:
@@ -330,8 +347,9 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        with _quiet_loading(name_or_dir is None):  # the cached copy: no weight-loading bar on every load
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         if where == "cache":
             raise CorruptCache(f"could not load the converted copy of the embedded model at {source}: {exc}\n"

@@ -2,7 +2,9 @@
 
 * :func:`target_probability_bars` — p(new) and p(true) before vs after on the edited prompt, its
   paraphrases and its neighbours;
-* :func:`key_shift_bars` — the memory coefficients at one token before vs after an edit;
+* :func:`key_shift_bars` — the memory coefficients at one token before vs after an edit (key-side edits);
+* :func:`edit_reach_lines` — where an edit acts: the change of each layer's FFN output and residual,
+  and the new target read from each layer, before vs after;
 * :func:`part_norm_bars` — ‖ΔW‖ of each edited weight (each layer's share of a MEMIT update);
 * :func:`optimisation_curve` — inside the optimisation: NLL, KL, norm penalty and ‖δ‖ vs its clamp
   per step (ROME / MEMIT), or the loss per step (fine-tuning, LoRA);
@@ -24,31 +26,67 @@ from plotly.subplots import make_subplots
 from kvlens.causal.trace import CausalTrace
 from kvlens.editing.delta import WeightDelta
 from kvlens.memory.activations import KeyActivations
+from kvlens.memory.readout import LayerReadout
 
 _COLORS = {"before": "#9e9e9e", "after": "#1565c0"}
 
 
 def target_probability_bars(rows: Sequence[Mapping[str, Any]], title: str = "") -> go.Figure:
-    """Grouped bars from rows ``{group, prompt, p_new_before, p_new_after, p_true_before, p_true_after}``.
+    """Horizontal grouped bars from rows ``{group, prompt, p_new_before, p_new_after, p_true_before, p_true_after}``.
 
-    ``group`` is ``edited`` / ``paraphrase`` / ``neighbour``; the x axis lists the prompts. True-object
-    bars are hatched. Missing ``p_true_*`` (no known true object) are left out.
+    ``group`` is ``edited`` / ``paraphrase`` / ``neighbour``; one row per prompt, its text on the
+    left (long prompts shortened; the full text in the hover), never rotated over the bars.
+    True-object bars are hatched; missing ``p_true_*`` (no known true object) are left out.
     """
     if not rows:
         raise ValueError("no rows to plot: measure at least the edited prompt")
-    labels = [f"{r['group']} {i}: {_short(str(r['prompt']))}" for i, r in enumerate(rows)]
+    labels = [f"{r['group']} {i}: {_short(str(r['prompt']), 44)}" for i, r in enumerate(rows)]
+    prompts = [str(r["prompt"]) for r in rows]
     fig = go.Figure()
-    for obj, pattern in (("new", ""), ("true", "/")):
-        for state in ("before", "after"):
+    for obj, pattern in (("true", "/"), ("new", "")):
+        for state in ("after", "before"):
             key = f"p_{obj}_{state}"
             if all(r.get(key) is None for r in rows):
                 continue
-            fig.add_bar(name=f"p({obj}) {state}", x=labels, y=[r.get(key) for r in rows],
-                        marker=dict(color=_COLORS[state], pattern_shape=pattern),
-                        hovertemplate="%{x}<br>%{y:.3f}<extra>" + f"p({obj}) {state}</extra>")
+            fig.add_bar(name=f"p({obj}) {state}", y=labels, x=[r.get(key) for r in rows], orientation="h",
+                        customdata=prompts, marker=dict(color=_COLORS[state], pattern_shape=pattern),
+                        hovertemplate="%{customdata}<br>%{x:.3f}<extra>" + f"p({obj}) {state}</extra>")
     fig.update_layout(barmode="group", title=title or "Target vs true object, before and after the edit",
-                      yaxis=dict(title="probability (geometric mean over target tokens)", range=[0, 1]),
-                      height=380, legend=dict(orientation="h", y=-0.35))
+                      xaxis=dict(title="probability (geometric mean over the target's tokens)", range=[0, 1]),
+                      yaxis=dict(autorange="reversed", automargin=True), height=160 + 4 * 14 * len(rows),
+                      legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1.0, xanchor="right",
+                                  traceorder="reversed"),
+                      margin=dict(t=90))
+    return fig
+
+
+def edit_reach_lines(before: LayerReadout, after: LayerReadout, edited: Sequence[int], label: str = "") -> go.Figure:
+    """Where an edit acts: per layer, how much the FFN output and the residual changed (left) and the
+    probability of the new target read from the residual after each layer (right), before vs after.
+
+    A value edit at layer l changes the FFN output of l (its key activations stay as they were) and,
+    through the residual, every layer above; the edited layers are shaded.
+    """
+    change = before.change(after)
+    layers = list(range(len(change["mlp_subject"])))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=["‖after − before‖ per layer", f"p({before.target_token!r}) read after each layer"])
+    for key, name, color, dash in (("mlp_subject", "FFN output, subject's last token", "#2e7d32", None),
+                                   ("resid_subject", "residual, subject's last token", "#6a1b9a", None),
+                                   ("resid_last", "residual, last token", "#6a1b9a", "dot")):
+        fig.add_trace(go.Scatter(x=layers, y=change[key], name=name, mode="lines+markers",
+                                 line=dict(color=color, dash=dash)), row=1, col=1)
+    for state, readout in (("before", before), ("after", after)):
+        fig.add_trace(go.Scatter(x=layers, y=readout.p_target.tolist(), name=f"p({before.target_token!r}) {state}",
+                                 mode="lines+markers", line=dict(color=_COLORS[state])), row=1, col=2)
+    for col in (1, 2):
+        for layer in edited:
+            fig.add_vrect(x0=layer - 0.5, x1=layer + 0.5, fillcolor="gold", opacity=0.3, line_width=0, row=1, col=col)
+        fig.update_xaxes(title_text="layer (edited: shaded)", tick0=0, dtick=max(1, len(layers) // 10), row=1, col=col)
+    fig.update_yaxes(title_text="L2 norm of the change", row=1, col=1)
+    fig.update_yaxes(title_text="probability (logit lens)", range=[0, 1], row=1, col=2)
+    title = f"{label + ': ' if label else ''}where the edit acts on {_short(before.prompt, 50)!r}"
+    fig.update_layout(title=title, height=380, legend=dict(orientation="h", y=-0.25), margin=dict(t=80))
     return fig
 
 

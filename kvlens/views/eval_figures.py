@@ -23,6 +23,34 @@ if TYPE_CHECKING:
     from kvlens.experiments import Comparison, Scaling
 
 DEFAULT_METRICS = ("ES", "PS", "NS", "S")
+
+#: What each metric name means, for every place that shows one (x100; CounterFact Eqs. 24-26).
+GLOSSARY: dict[str, str] = {
+    "ES": "efficacy success: % of cases whose edited prompt now gives the new object a higher "
+          "probability than the true one",
+    "PS": "paraphrase success: the same on the paraphrased prompts (generalisation)",
+    "NS": "neighbourhood success: % of neighbouring facts (other subjects, same relation) whose true object "
+          "still beats the new one (specificity: higher is better)",
+    "S": "score: the harmonic mean of ES, PS and NS",
+    "EM": "efficacy magnitude: mean p(new) − p(true) on the edited prompt",
+    "PM": "paraphrase magnitude: mean p(new) − p(true) on the paraphrases",
+    "NM": "neighbourhood magnitude: mean p(true) − p(new) on the neighbouring facts",
+    "Efficacy": "zsRE efficacy: top-1 accuracy of the new target's tokens on the edited prompt",
+    "Paraphrase": "zsRE paraphrase: the same on the paraphrases",
+    "Specificity": "zsRE specificity: top-1 accuracy on the neighbouring prompts",
+    "Score": "zsRE score: the harmonic mean of Efficacy, Paraphrase and Specificity",
+    "Reliability": "EasyEdit reliability: token accuracy of the new target on the edited prompt",
+    "Generalization": "EasyEdit generalisation: the same on the paraphrases",
+    "Locality": "EasyEdit locality: % of neighbouring-prompt tokens whose top-1 is unchanged by the edit",
+    "GE": "generation entropy: n-gram entropy of generated text (fluency, ROME Eq. 27)",
+    "RS": "reference score: TF-IDF cosine of generated text with reference texts (consistency)",
+    "CI": "95 % confidence interval over the cases (bootstrap for the harmonic means)",
+}
+
+
+def explain(names: Sequence[str]) -> str:
+    """``"ES = efficacy success: ...; PS = ..."`` for the names in :data:`GLOSSARY` (in order, once each)."""
+    return "; ".join(f"{n} = {GLOSSARY[n]}" for n in dict.fromkeys(names) if n in GLOSSARY) + "."
 _PER_CASE_KEY = {name: key for name, key, _ in AGGREGATES}
 
 

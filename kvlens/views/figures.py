@@ -75,15 +75,45 @@ def key_activity_heatmap(acts: KeyActivations, prompt: int = 0) -> go.Figure:
     return fig
 
 
-def value_token_bars(proj: VocabProjection, memory: int) -> go.Figure:
-    """Tokens that the value of ``memory`` promotes (right) and suppresses (left)."""
+def token_labels(texts: list[str], ids: list[int], pieces: list[str] | None = None) -> list[str]:
+    """One distinct label per token: its text quoted, with its id when the text alone is ambiguous.
+
+    Tokens that decode to the same text (byte pieces of one character all decode to ``'�'``)
+    would share one bar of a categorical axis; such tokens, and any that hold ``'�'``, are shown
+    by their vocabulary piece (``pieces``, e.g. ``'<0xE2>'`` or ``'âĢ'``) when given, and their id.
+    """
+    seen: dict[str, int] = {}
+    for t in texts:
+        seen[t] = seen.get(t, 0) + 1
+    out = []
+    for i, (t, tid) in enumerate(zip(texts, ids)):
+        if seen[t] > 1 or "\ufffd" in t:
+            piece = pieces[i] if pieces is not None else None
+            out.append(f"{piece!r} (id {tid})" if piece is not None and piece != t else f"{t!r} (id {tid})")
+        else:
+            out.append(repr(t))
+    return out
+
+
+def value_token_bars(proj: VocabProjection, memory: int, pieces: dict[int, str] | None = None) -> go.Figure:
+    """Tokens that the value of ``memory`` promotes (blue, top) and suppresses (red, bottom).
+
+    One row per token id (see :func:`token_labels`); ``pieces`` maps ids to vocabulary pieces
+    (``tokenizer.convert_ids_to_tokens``) to show byte tokens by their bytes.
+    """
+    r = proj._row(memory)
+    up_ids, down_ids = proj.top_ids[r].tolist(), proj.bottom_ids[r].tolist()
     up, down = proj.promoted(memory), proj.suppressed(memory)
-    tokens = [repr(t) for t, _ in reversed(down)] + [repr(t) for t, _ in reversed(up)]
+    ids = list(reversed(down_ids)) + list(reversed(up_ids))
+    texts = [t for t, _ in reversed(down)] + [t for t, _ in reversed(up)]
+    tokens = token_labels(texts, ids, None if pieces is None else [pieces.get(i, "") or None for i in ids])
     scores = [s for _, s in reversed(down)] + [s for _, s in reversed(up)]
     colors = ["#c0392b"] * len(down) + ["#2471a3"] * len(up)
-    fig = go.Figure(go.Bar(x=scores, y=tokens, orientation="h", marker_color=colors))
+    fig = go.Figure(go.Bar(x=scores, y=tokens, orientation="h", marker_color=colors, customdata=ids,
+                           hovertemplate="%{y}: %{x:.3f} (token id %{customdata})<extra></extra>"))
     fig.update_layout(title=f"Value L{proj.layer}.m{memory} in vocabulary space (norm={proj.norm})",
-                      xaxis_title="logit", yaxis_title="token", height=250 + 16 * len(tokens))
+                      xaxis_title="logit", yaxis=dict(title="token", automargin=True, type="category"),
+                      height=250 + 16 * len(tokens))
     return fig
 
 

@@ -38,9 +38,12 @@ def _delta(result: WeightDelta) -> list[Section]:
             + (" …" if len(result.requests) > 8 else "") + ".")
     if "seconds" in result.info:
         text += f" Computed in {result.info['seconds']:.1f} s."
+    # the edit state when the report is made (WeightDelta's own record of where it is applied)
+    text += (" It is applied to the model now: the sections below that read the model see it." if result._handles
+             else " It is not applied to the model now (computed, measured and reverted).")
     params = {"model": result.model_name, "method": result.method, "hparams": result.hparams,
               "requests": [q.to_dict() for q in result.requests], "fingerprints": {f"{l}.{r}": fp for (l, r), fp in result.base.items()}}
-    sections = [Section(f"Edit: {result.method}", text=text, table=delta_rows(result),
+    sections = [Section(f"Edit: {result.method} ({'+'.join(roles)} weights)", text=text, table=delta_rows(result),
                         figure=edit_figures.part_norm_bars(result), params=params)]
     outcome = outcome_rows(result)
     if outcome:
@@ -66,7 +69,7 @@ def _delta(result: WeightDelta) -> list[Section]:
 @to_sections.register
 def _history(result: EditHistory) -> list[Section]:
     methods = [d.method for d in result.deltas]
-    return [Section("Sequential edits: weight norms",
+    return [Section("Edit: sequential edits, weight norms",
                     text=f"{len(methods)} edit(s) applied in order: {', '.join(methods) or 'none'}.",
                     table=[dict(r) for r in result.norms],
                     figure=edit_figures.norm_history_lines(result.norms) if result.norms else None,
@@ -82,10 +85,12 @@ def report_rows(report: EditReport) -> list[dict[str, Any]]:
 @to_sections.register
 def _edit_report(result: EditReport) -> list[Section]:
     states = " and ".join(result.states)
+    shown = [name for row in result.table() for name in [row.get("metric")] if name]
     text = (f"{result.method or 'unedited'} on {result.model}: {len(result.cases)} case(s), {states}; values x100 "
-            f"with 95 % confidence intervals; each metric names its convention. {result.seconds:.1f} s.")
+            f"with 95 % confidence intervals (CI) over the cases; each metric names its convention. "
+            f"{result.seconds:.1f} s. " + eval_figures.explain(shown + ["CI"]))
     metrics = [m for m in eval_figures.DEFAULT_METRICS if any(m in a for a in result.aggregate.values())]
     figure = eval_figures.metrics_bars(result, metrics) if metrics else None
-    return [Section(f"Evaluation: {result.method or 'unedited model'}", text=text, table=report_rows(result),
+    return [Section(f"Evaluate: {result.method or 'unedited model'}", text=text, table=report_rows(result),
                     figure=figure, params={"model": result.model, "method": result.method,
                                            "cases": [c.case_id for c in result.cases], "states": list(result.states)})]

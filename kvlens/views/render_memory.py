@@ -31,7 +31,7 @@ def top_memories_rows(top: TopMemories) -> list[dict[str, Any]]:
 
 @to_sections.register
 def _top_memories(result: TopMemories) -> list[Section]:
-    return [Section(f"Strongest memories at layer {result.layer}, token {result.token!r}",
+    return [Section(f"Inspect: strongest memories at layer {result.layer}, token {result.token!r}",
                     table=top_memories_rows(result),
                     params={"layer": result.layer, "token_index": result.token_index, "k": len(result.memories)})]
 
@@ -45,7 +45,7 @@ def _key_activations(result: KeyActivations, k: int = 10) -> list[Section]:
             text = (f"Memory coefficients (input of the value projection) at layer {layer} for {prompt!r}. "
                     f"At the last token {top.token!r} the strongest memories are "
                     + ", ".join(f"m{m} ({c:+.2f})" for m, c in zip(top.memories, top.coefficients)) + ".")
-            out.append(Section(f"Key activations at layer {layer}", text=text,
+            out.append(Section(f"Inspect: key activations at layer {layer}", text=text,
                                table=top_memories_rows(top),
                                figure=figures.key_activation_heatmap(result, layer, prompt=p),
                                params={"model": result.model_name, "prompt": prompt, "layer": layer,
@@ -56,7 +56,7 @@ def _key_activations(result: KeyActivations, k: int = 10) -> list[Section]:
 @to_sections.register
 def _values(result: VocabProjection) -> list[Section]:
     shown = result.memories[:MAX_FIGURES]
-    return [Section(f"Values of layer {result.layer} in vocabulary space",
+    return [Section(f"Inspect: values of layer {result.layer} in vocabulary space",
                     text=(f"The tokens each value promotes (highest logits) and suppresses (lowest), read "
                           f"with norm={result.norm!r}." + (f" Bars for the first {len(shown)} of "
                                                            f"{len(result.memories)} memories."
@@ -70,7 +70,7 @@ def _values(result: VocabProjection) -> list[Section]:
 def _found(result: FoundMemories) -> list[Section]:
     rows = [{"rank": r + 1, "layer": f.layer, "memory": f.memory, "score": f.score, "token rank": f.rank}
             for r, f in enumerate(result.found)]
-    return [Section(f"Memories whose value writes {result.token!r}", table=rows,
+    return [Section(f"Inspect: memories whose value writes {result.token!r}", table=rows,
                     figure=figures.found_memories_bars(result),
                     params={"model": result.model_name, "token": result.token, "token_id": result.token_id,
                             "norm": result.norm, "by": result.by, "layers": sorted(result.scores),
@@ -81,7 +81,7 @@ def _found(result: FoundMemories) -> list[Section]:
 def _triggers(result: TriggerExamples) -> list[Section]:
     params = {"model": result.model_name, "corpus": result.corpus_id, "n": result.n, "window": result.window,
               "tokens_seen": result.tokens_seen, "from_cache": result.from_cache}
-    return [Section(f"Trigger examples of L{layer}.m{memory}",
+    return [Section(f"Inspect: trigger examples of L{layer}.m{memory}",
                     text=f"The corpus prefixes on which the key of memory {memory} at layer {layer} fires most.",
                     figure=figures.trigger_table(result, (layer, memory)),
                     params={**params, "memory": [layer, memory]})
@@ -90,7 +90,7 @@ def _triggers(result: TriggerExamples) -> list[Section]:
 
 @to_sections.register
 def _lens(result: LogitLens) -> list[Section]:
-    return [Section(f"Logit lens: {prompt!r}",
+    return [Section(f"Inspect: logit lens, {prompt!r}",
                     text=(f"The top token of the residual after each layer. The model's prediction at the last "
                           f"token first appears after layer {result.first_layer(p)}."),
                     figure=figures.logit_lens_grid(result, p),
@@ -100,7 +100,7 @@ def _lens(result: LogitLens) -> list[Section]:
 
 @to_sections.register
 def _composition(result: Composition) -> list[Section]:
-    return [Section("Layer composition", table=result.stats(), figure=figures.composition_lines(result),
+    return [Section("Inspect: layer composition", table=result.stats(), figure=figures.composition_lines(result),
                     params={"model": result.model_name, "prompts": list(result.prompts), "layers": result.layers,
                             "norm": result.norm})]
 
@@ -108,7 +108,7 @@ def _composition(result: Composition) -> list[Section]:
 @to_sections.register
 def _contributions(result: Contributions, k: int = 10) -> list[Section]:
     rows = [{"layer": l, "memory": m, "contribution": c} for l, m, c in result.top(k)]
-    return [Section(f"Memory contributions to {result.target!r}",
+    return [Section(f"Inspect: memory contributions to {result.target!r}",
                     text=(f"Logit of {result.target!r} after {result.token!r}: {result.logit:.3f}; the largest "
                           f"memory contributions m_i r(v_i)·E[t]. Decomposition error {result.max_error:.2e}."),
                     table=rows, figure=figures.contribution_waterfall(result, k),
@@ -125,6 +125,6 @@ def _intervention(result: Intervention) -> list[Section]:
     text = f"Top prediction {result.before.top!r} -> {result.after.top!r}; KL(before‖after) = {result.kl:.4f} nats."
     if result.target is not None:
         text += f" p({result.target!r}): {result.target_before:.4f} -> {result.target_after:.4f}."
-    return [Section("Intervention on memories", text=text, table=rows,
+    return [Section("Inspect: intervention on memories", text=text, table=rows,
                     params={"model": result.model_name, "prompt": result.prompt, "positions": result.positions,
                             "scales": {f"L{l}.m{m}": f for (l, m), f in result.scales.items()}})]

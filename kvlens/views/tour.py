@@ -1,12 +1,16 @@
-"""The tour: locate, inspect, edit keys and values, evaluate — one fact, one HTML report.
+"""The tour: locate, inspect, edit keys and values, evaluate — one HTML report.
 
-:func:`tour` runs the four verbs on one CounterFact-style fact from the bundled set (by default
+:func:`tour` runs the four verbs on CounterFact-style facts from the bundled set (by default
 "The Eiffel Tower is located in the city of Paris", edited to London) and returns a
-:class:`~kvlens.views.report.Report`: the model card and a prediction; a causal trace of the fact
-(locate); the memories that fire on the prompt, the values that write the true object, and
-their vocabulary projections (inspect); the same fact edited on the value side (ROME) and on
-the key side (fine-tuning of K), each evaluated before/after on the prompt, its paraphrases and
-its neighbours, and compared (edit + evaluate). ``kvlens tour`` writes it to a file.
+:class:`~kvlens.views.report.Report`: the model card (with its edit state) and a prediction;
+an exact causal trace of the fact (ROME's procedure, 3 noise samples: locate); the memories that
+fire on the prompt, the values that write the true object, and their vocabulary projections
+(inspect); then keys vs values like with like: the same ``n_cases`` facts (the Eiffel Tower
+first) edited by fine-tuning the keys and by fine-tuning the values, with ROME (a rank-one edit
+of the values) beside as the reference value-side method, each evaluated before/after on the
+edited prompts, their paraphrases and their neighbours, with 95 % intervals over the facts, and
+compared (edit, evaluate). Every metric name is explained where it appears; the prompts are listed.
+``kvlens tour`` writes it to a file.
 """
 
 from __future__ import annotations
@@ -15,14 +19,13 @@ import time
 import warnings
 from collections.abc import Callable
 
-import torch
-
 from kvlens.causal.trace import trace
 from kvlens.datasets import EvalCase, load_bundled
-from kvlens.editing import ROME, KeyFT
+from kvlens.editing import ROME, KeyFT, ValueFT
 from kvlens.editing.base import EditMethod
-from kvlens.editing.request import EditRequest
-from kvlens.evaluate import evaluate
+from kvlens.editing.delta import applied_edits
+from kvlens.evaluate import EditReport, evaluate
+from kvlens.experiments import compute_delta, requests_of
 from kvlens.memory.activations import keys
 from kvlens.memory.intervene import predict
 from kvlens.memory.vocab import find_memories, values
@@ -32,16 +35,23 @@ from kvlens.views.report import Report, Section
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEFAULT_CASE = 167  # The Eiffel Tower: Paris -> London, 3 paraphrases, 6 neighbours
+#: Facts edited and evaluated by default: enough for the 95 % intervals to be informative, and a
+#: tour of a few minutes on a 2-core CPU (see the README's measured table).
+DEFAULT_CASES = 10
+#: Noise draws per cell of the tour's exact trace.
+DEFAULT_SAMPLES = 3
 
 
-def tour_methods() -> dict[str, Callable[[], EditMethod]]:
-    """The two edits of the tour: value side (ROME, rank one on V) and key side (fine-tuning K).
+def tour_methods() -> dict[str, tuple[Callable[[], EditMethod], str]]:
+    """The tour's edits: label -> (factory, side). Keys vs values like with like (the same
+    fine-tuning of K or of V), and ROME beside them as the reference value-side method.
 
     ROME runs without the C⁻¹ key statistics here (``mom2_adjustment=False``, as EasyEdit's
     defaults for Llama): collecting E[kkᵀ] over 100k tokens takes minutes on a CPU. Pass your
-    own methods to :func:`tour` for the full algorithm.
+    own methods to :func:`tour` for the full algorithm, or MEMIT.
     """
-    return {"ROME (values)": lambda: ROME(mom2_adjustment=False), "fine-tune keys": KeyFT}
+    return {"fine-tune keys": (KeyFT, "key"), "fine-tune values": (ValueFT, "value"),
+            "ROME (values, rank one; reference)": (lambda: ROME(mom2_adjustment=False), "value")}
 
 
 def find_case(case_id: int) -> EvalCase:
@@ -62,9 +72,17 @@ def prediction_section(model: KVModel, prompt: str, k: int = 10) -> Section:
                    params={"prompt": prompt, "prefix": model.prefix, "k": k})
 
 
+def edit_state_row(model: KVModel) -> dict[str, str]:
+    """The model card's line saying whether the model is edited (the model's own record)."""
+    edits = applied_edits(model)
+    text = "none (the original weights)" if not edits else f"{len(edits)}: " + ", ".join(
+        f"{h.delta.method} at layer(s) {h.delta.layers}" for h in edits)
+    return {"property": "edits applied", "value": text}
+
+
 def tour(model: KVModel, prompt: str = DEFAULT_PROMPT, layer: int | None = None, *, case: int | EvalCase = DEFAULT_CASE,
-         trace_mode: str = "approx", edit: bool = True,
-         methods: dict[str, Callable[[], EditMethod]] | None = None,
+         trace_mode: str = "exact", samples: int = DEFAULT_SAMPLES, n_cases: int = DEFAULT_CASES, edit: bool = True,
+         methods: dict[str, tuple[Callable[[], EditMethod], str]] | None = None,
          log: Callable[[str], None] = lambda _: None) -> Report:
     """The tour's report (see the module docstring).
 
@@ -72,52 +90,83 @@ def tour(model: KVModel, prompt: str = DEFAULT_PROMPT, layer: int | None = None,
         model: the model (edits are computed and evaluated, never left applied).
         prompt: the prompt of the prediction and key-activation sections.
         layer: the layer of the key activations (default: the middle one).
-        case: a bundled case id or an :class:`~kvlens.datasets.EvalCase` to trace and edit.
-        trace_mode: ``"approx"`` (attribution patching: seconds, an estimate, labelled so) or
-            ``"exact"`` (ROME's procedure: minutes on a CPU).
+        case: a bundled case id or an :class:`~kvlens.datasets.EvalCase` to trace and edit first.
+        trace_mode: ``"exact"`` (ROME's procedure) or ``"approx"`` (attribution patching: seconds,
+            an estimate, labelled so).
+        samples: noise draws per trace cell.
+        n_cases: facts edited and evaluated (the case first, then the next bundled ones).
         edit: run the edit and evaluation part.
-        methods: label -> method factory (default: :func:`tour_methods`).
+        methods: label -> (method factory, side) (default: :func:`tour_methods`).
         log: called with a line before each stage (the command prints them).
     """
     layer = model.n_layers // 2 if layer is None else model.check_layer(layer)
+    if isinstance(n_cases, bool) or not isinstance(n_cases, int) or n_cases < 1:
+        raise ValueError(f"n_cases must be an integer >= 1, got {n_cases!r}")
     fact = find_case(case) if isinstance(case, int) else case
     true = fact.target_true or fact.target_new
     report = Report(f"kvlens tour: {model.name}")
-    report.add(Section("Model", table=[{"property": k, "value": v} for k, v in model.card().items()]))
+    card = [{"property": k, "value": v} for k, v in model.card().items()]
+    report.add(Section("Model", table=[*card, edit_state_row(model)]))
     report.add(prediction_section(model, prompt))
-    log(f"locate: tracing {fact.subject!r} -> {true!r} ({trace_mode})")
-    report.add(trace(model, fact.prompt, fact.subject, true, kind="all", mode=trace_mode, progress=False))
+    log(f"locate: tracing {fact.subject!r} -> {true!r} ({trace_mode}, {samples} samples)")
+    report.add(trace(model, fact.prompt, fact.subject, true, kind="all", mode=trace_mode, samples=samples,
+                     progress=False))
     log(f"inspect: key activations at layer {layer}, values of the upper layers that write {true!r}")
-    with torch.no_grad():
-        report.add(keys(model, prompt, layers=[layer]))
-        upper = list(range(model.n_layers * 2 // 3, model.n_layers))  # where values write output tokens
-        found = find_memories(model, true, upper, k=8, by="zscore")
-        top = found.found[0]
-        report.add(found, values(model, top.layer, [f.memory for f in found.found if f.layer == top.layer], k=8))
+    report.add(keys(model, prompt, layers=[layer]))
+    upper = list(range(model.n_layers * 2 // 3, model.n_layers))  # where values write output tokens
+    found = find_memories(model, true, upper, k=8, by="zscore")
+    top = found.found[0]
+    report.add(found, values(model, top.layer, [f.memory for f in found.found if f.layer == top.layer], k=8))
     if edit:
-        _edits(model, fact, methods or tour_methods(), report, log)
+        cases = [fact] + [c for c in load_bundled() if c.case_id != fact.case_id][: n_cases - 1]
+        _edits(model, cases, methods or tour_methods(), report, log)
     return report
 
 
-def _edits(model: KVModel, fact: EvalCase, methods: dict[str, Callable[[], EditMethod]], report: Report,
-           log: Callable[[str], None]) -> None:
-    request = EditRequest(fact.prompt, fact.subject, fact.target_new, fact.target_true)
-    report.add(Section("Edit: keys or values", text=(
-        f"The fact {fact.rewrite_prompt!r} → {(fact.target_true or '?').strip()!r} is rewritten to "
-        f"{fact.target_new.strip()!r} by each method below, on a copy of the weights that is reverted "
-        f"afterwards. Metrics are measured on the prompt, {len(fact.paraphrase_prompts)} paraphrases and "
-        f"{len(fact.neighborhood_prompts)} neighbouring facts, before and after each edit.")))
-    baseline = evaluate(model, [fact], method="unedited")
-    reports = {}
-    for label, make in methods.items():
-        log(f"edit: {label}")
+def prompts_section(cases: list[EvalCase]) -> Section:
+    """Every prompt the evaluation scores: the edited one, its paraphrases, its neighbours."""
+    rows = []
+    for c in cases:
+        rows.append({"case": c.case_id, "kind": "edited", "prompt": c.rewrite_prompt,
+                     "new / true object": f"{c.target_new.strip()} / {(c.target_true or '?').strip()}"})
+        rows += [{"case": c.case_id, "kind": "paraphrase", "prompt": p, "new / true object": ""}
+                 for p in c.paraphrase_prompts]
+        rows += [{"case": c.case_id, "kind": "neighbour", "prompt": p,
+                  "new / true object": f"(should stay {(c.target_true or '?').strip()})"}
+                 for p in c.neighborhood_prompts]
+    return Section("Evaluate: the prompts scored", table=rows, text=(
+        "Paraphrases say the edited fact in other words (ES/PS test that the edit took and generalises); "
+        "neighbours are other subjects with the same relation and true object (NS tests that they are left "
+        "alone)."), params={"cases": [c.case_id for c in cases]})
+
+
+def _edits(model: KVModel, cases: list[EvalCase], methods: dict[str, tuple[Callable[[], EditMethod], str]],
+           report: Report, log: Callable[[str], None]) -> None:
+    facts = "; ".join(f"{c.rewrite_prompt!r} → {c.target_new.strip()!r}" for c in cases[:3])
+    report.add(Section("Edit: keys vs values", text=(
+        f"The same {len(cases)} facts ({facts}{' …' if len(cases) > 3 else ''}) are edited together by each "
+        "method below: fine-tuning the keys (the FFN's first matrix) and fine-tuning the values (its second "
+        "matrix) with the same loss, steps and constraints, so that only the side differs (Qiu et al. 2024); "
+        "ROME, a rank-one edit of the values, is shown beside them as the reference value-side method. Each "
+        "edit is computed on the weights, measured, and reverted. " + eval_figures.explain(
+            ["ES", "PS", "NS", "S"]))))
+    report.add(prompts_section(cases))
+    baseline = evaluate(model, cases, method="unedited")
+    report.add(baseline)
+    reports: dict[str, EditReport] = {}
+    for label, (make, side) in methods.items():
+        log(f"edit: {label} on {len(cases)} facts")
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an edit that does not take shows in its metrics
-            delta = make().compute(model, [request])
-        reports[label] = evaluate(model, [fact], delta, baseline=baseline, method=label)
-        report.add(delta, reports[label], params={"tour_label": label,
+            delta = compute_delta(model, make(), requests_of(cases))
+        reports[label] = evaluate(model, cases, delta, baseline=baseline, method=label)
+        report.add(delta, reports[label], params={"tour_label": label, "side": side,
                                                   "seconds_with_evaluation": time.perf_counter() - start})
     metrics = [m for m in eval_figures.DEFAULT_METRICS if all(m in r.aggregate["after"] for r in reports.values())]
-    report.add(Section("Edit: keys vs values compared", figure=eval_figures.method_comparison(
-        reports, metrics, baseline=baseline), params={"methods": list(reports), "case": fact.case_id}))
+    names = {f"{label} [{methods[label][1]}s]": r for label, r in reports.items()}
+    report.add(Section("Evaluate: keys vs values compared", text=(
+        f"After each edit, on {len(cases)} facts (bars: mean x100, whiskers: 95 % CI over the facts). Compare "
+        "fine-tune keys with fine-tune values (the same method on either side); ROME is the value-side "
+        "reference. " + eval_figures.explain(metrics)), figure=eval_figures.method_comparison(
+        names, metrics, baseline=baseline), params={"methods": list(reports), "cases": [c.case_id for c in cases]}))

@@ -27,42 +27,50 @@ def token_labels(tr: CausalTrace) -> list[str]:
     return [f"{i}: {t!r}{'*' if start <= i < end else ''}" for i, t in enumerate(tr.tokens)]
 
 
-def _heatmap(tr: CausalTrace, kind: str, colorbar_x: float | None = None) -> go.Heatmap:
+def _heatmap(tr: CausalTrace, kind: str, colorbar: dict[str, Any] | None = None) -> go.Heatmap:
     z = tr.scores[kind].numpy()
     window = tr.params.get("window")
-    title = f"p({tr.target.strip()})" + ("" if kind == "hidden" else f"<br>window {window}")
-    bar: dict[str, Any] = dict(title=title)
-    if colorbar_x is not None:
-        bar["x"] = colorbar_x
+    title = f"p({tr.target.strip()})" + ("" if kind == "hidden" else f", window {window}")
+    bar: dict[str, Any] = dict(title=dict(text=title, side="right"), thickness=12, tickformat=".2g",
+                               **(colorbar or {}))
     return go.Heatmap(z=z, x=list(range(tr.n_layers)), y=token_labels(tr), colorscale=COLORSCALES[kind],
                       zmin=tr.low, zmax=max(tr.low + 1e-9, float(z.max())), colorbar=bar,
                       hovertemplate="layer %{x}<br>%{y}<br>p=%{z:.3f}<extra></extra>")
 
 
+def _title(tr: CausalTrace, head: str) -> str:
+    how = "ESTIMATE (attribution patching)" if tr.estimate else f"exact, {tr.params.get('samples')} noise samples"
+    return f"{head}<br><sup>{how}; p clean {tr.high:.3f}, corrupted {tr.low:.3f}; subject tokens marked *</sup>"
+
+
 def trace_heatmap(tr: CausalTrace, kind: str | None = None) -> go.Figure:
-    """Tokens × layers heatmap of ``p(target)`` with the state of ``kind`` restored."""
+    """Tokens × layers heatmap of ``p(target)`` with the state of ``kind`` restored (width: the page's)."""
     kind = tr._kind(kind)
     fig = go.Figure(_heatmap(tr, kind))
-    note = "" if not tr.estimate else " — ESTIMATE (attribution patching)"
-    fig.update_layout(title=f"Impact of {NAMES[kind]} on p({tr.target.strip()!r}){note}",
-                      xaxis_title="layer", height=220 + 24 * len(tr.tokens), width=720)
-    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=_title(tr, f"Impact of {NAMES[kind]} on p({tr.target.strip()!r})"),
+                      xaxis_title="layer", height=240 + 24 * len(tr.tokens), margin=dict(t=90), autosize=True)
+    fig.update_yaxes(autorange="reversed", automargin=True)
     return fig
 
 
 def trace_heatmaps(tr: CausalTrace) -> go.Figure:
-    """The heatmaps of every traced kind side by side (ROME's three-panel figure)."""
+    """The heatmaps of every traced kind side by side (ROME's three-panel figure).
+
+    The figure takes the width of the notebook column or page; each panel's colour bar sits at
+    its own right edge, in the gap before the next panel, its title written along it.
+    """
     n = len(tr.kinds)
-    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.09,
+    fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=0.14 if n > 1 else 0.0,
                         subplot_titles=[NAMES[k] for k in tr.kinds])
     for i, kind in enumerate(tr.kinds):
-        fig.add_trace(_heatmap(tr, kind, colorbar_x=(i + 1) / n - 0.02), row=1, col=i + 1)
+        domain = fig.layout[f"xaxis{i + 1 if i else ''}"].domain
+        bar = dict(x=domain[1] + 0.005, xanchor="left", len=0.9, y=0.5, yanchor="middle")
+        fig.add_trace(_heatmap(tr, kind, colorbar=bar), row=1, col=i + 1)
         fig.update_xaxes(title_text="layer", row=1, col=i + 1)
-    note = "" if not tr.estimate else " — ESTIMATE (attribution patching)"
-    fig.update_layout(title=(f"Causal trace of {tr.subject!r} → {tr.target.strip()!r}: p clean {tr.high:.3f}, "
-                             f"corrupted {tr.low:.3f}{note}"),
-                      height=260 + 24 * len(tr.tokens), width=380 * n)
-    fig.update_yaxes(autorange="reversed")
+    head = f"Causal trace of {tr.subject!r} → {tr.target.strip()!r}"
+    fig.update_layout(title=_title(tr, head), height=280 + 24 * len(tr.tokens), margin=dict(t=110, r=60),
+                      autosize=True)
+    fig.update_yaxes(autorange="reversed", automargin=True)
     return fig
 
 
@@ -86,7 +94,7 @@ def severed_chart(sv: SeveredTrace, edit_layers: range | None = None) -> go.Figu
     fig.update_layout(title=(f"Severed paths at {sv.token_text!r} (token {sv.token}), target "
                              f"{sv.target.strip()!r}; shaded: gap normal − MLP severed"),
                       xaxis_title="restored layer", yaxis_title="indirect effect on p(target)",
-                      height=420, width=760)
+                      height=420, autosize=True)
     return fig
 
 
@@ -110,5 +118,5 @@ def average_curves(summary: TraceSummary, kind: str = "hidden") -> go.Figure:
             for tr in _band(x, mean[g], ci[g], name, colors[g % len(colors)]):
                 fig.add_trace(tr)
     fig.update_layout(title=f"Average indirect effect of {NAMES[kind]} over {summary.n_facts} facts (95 % CI)",
-                      xaxis_title="layer", yaxis_title="average indirect effect", height=420, width=760)
+                      xaxis_title="layer", yaxis_title="average indirect effect", height=420, autosize=True)
     return fig
