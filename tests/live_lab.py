@@ -157,10 +157,11 @@ def lab_server() -> Iterator[LabServer]:
     root.mkdir()
     home.mkdir()
     server = start_lab(root, home)
+    _log(f"jupyter lab (pid {server.proc.pid}) answers on port {server.port}")
     try:
         yield server
     finally:
-        stop_lab(server)
+        _log(f"stopped pids {stop_lab(server)}")
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -175,7 +176,18 @@ def browser_context(executable: str, *, width: int = 1400, height: int = 1000) -
             context = browser.new_context(viewport={"width": width, "height": height})
             yield context
         finally:
+            _log("closing the browser")
+            with contextlib.suppress(Exception):
+                for page in context.pages:
+                    page.close(run_before_unload=False)
+                context.close()
             browser.close()
+            _log("browser closed")
+
+
+def _log(text: str) -> None:
+    if os.environ.get("KVLENS_LIVE_DEBUG") == "1":
+        print(f"[live-lab {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def write_notebook(path: Path, cells: list[str]) -> Path:
@@ -210,22 +222,42 @@ class LivePage:
 
 
 def open_notebook(context: Any, server: LabServer, name: str, *, timeout: float = 180.0) -> LivePage:
-    """Open notebook ``name`` in Lab and wait until its kernel is idle."""
+    """Open notebook ``name`` in Lab and wait until its kernel is connected and idle."""
     page = context.new_page()
     errors: list[str] = []
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(server.lab_url(name), wait_until="domcontentloaded", timeout=timeout * 1000)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout * 1000)
+    deadline = time.monotonic() + timeout
+    while not any(k.get("connections", 0) >= 1 and k.get("execution_state") == "idle" for k in server.api("kernels")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the kernel of {name} did not connect within {timeout:.0f} s: {server.api('kernels')}")
+        time.sleep(0.5)
     wait_kernel_idle(page, timeout)
     return LivePage(page, errors)
 
 
-def wait_kernel_idle(page: Any, timeout: float) -> None:
-    """Wait until the notebook's kernel reports idle (Lab's execution indicator)."""
-    page.wait_for_function("""() => { const el = document.querySelector('.jp-Notebook-ExecutionIndicator');
-                                      return el && el.getAttribute('data-status') === 'idle'; }""",
-                           timeout=timeout * 1000, polling=250)
+#: Whether Lab's kernel indicator reads idle (the status bar's "| Idle" and the toolbar's indicator).
+_IDLE_JS = """() => { const el = document.querySelector('.jp-Notebook-ExecutionIndicator');
+                     const bar = document.querySelector('#jp-main-statusbar');
+                     return !!el && el.getAttribute('data-status') === 'idle' && !!bar && /\|\s*Idle/.test(bar.textContent); }"""
+
+
+def wait_kernel_idle(page: Any, timeout: float, settle: float = 1.0) -> None:
+    """Wait until the notebook's kernel reads idle in the page and stays so for ``settle`` seconds."""
+    deadline = time.monotonic() + timeout
+    since = None
+    while True:
+        if page.evaluate(_IDLE_JS):
+            since = since or time.monotonic()
+            if time.monotonic() - since >= settle:
+                return
+        else:
+            since = None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the kernel did not become idle within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def menu(page: Any, top: str, command: str) -> None:
@@ -234,13 +266,26 @@ def menu(page: Any, top: str, command: str) -> None:
     page.locator(f".lm-Menu-item[data-command='{command}']").first.click()
 
 
+_ALL_RAN_JS = """() => { const cells = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
+                          return cells.length > 0 && cells.every(p => /\\[\\d+\\]/.test(p.textContent)); }"""
+_STARTED_JS = """() => [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')]
+                          .some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))"""
+
+
 def run_all(live: LivePage, *, timeout: float = 600.0) -> None:
-    """*Run → Run All Cells* from Lab's menu; wait until every code cell has run and the kernel is idle."""
-    menu(live.page, "Run", "runmenu:run-all")
-    live.page.wait_for_function(
-        """() => { const cells = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
-                   return cells.length > 0 && cells.every(p => /\\[\\d+\\]/.test(p.textContent)); }""",
-        timeout=timeout * 1000, polling=500)
+    """*Run → Run All Cells* from Lab's menu; wait until every code cell has run and the kernel is idle.
+
+    If no cell started within 20 s (the kernel was still connecting), the menu is used once more.
+    """
+    for attempt in range(2):
+        menu(live.page, "Run", "runmenu:run-all")
+        try:
+            live.page.wait_for_function(_STARTED_JS, timeout=20_000, polling=250)
+            break
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError; retried once
+            if attempt:
+                raise
+    live.page.wait_for_function(_ALL_RAN_JS, timeout=timeout * 1000, polling=500)
     wait_kernel_idle(live.page, timeout)
 
 
