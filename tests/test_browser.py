@@ -8,6 +8,7 @@ as a test artifact (in pytest's tmp dir and in ``out/test-artifacts/``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -203,7 +204,7 @@ def test_export_keeps_every_app_chart_offline(browser, tmp_path):
     assert size < plotly_js + 5_000_000, f"the export is {size / 1e6:.1f} MB: plotly.js is carried more than once"
 
     page, errors, requests = open_page(browser, path)
-    expected = json.loads(page.inner_text("body").split("EXPECTED", 1)[1].strip().splitlines()[0])
+    expected = json.loads(re.findall(r"^EXPECTED (\[.*\])$", page.inner_text("body"), re.M)[-1])
     page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=60_000)
     charts = page.evaluate(READ_CHARTS_JS.replace("(root) =>", "() =>").replace("root.querySelectorAll",
                                                                                    "document.querySelectorAll"))
