@@ -230,12 +230,22 @@ def open_notebook(context: Any, server: LabServer, name: str, *, timeout: float 
     page.goto(server.lab_url(name), wait_until="domcontentloaded", timeout=timeout * 1000)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout * 1000)
     deadline = time.monotonic() + timeout
-    while not any(k.get("connections", 0) >= 1 and k.get("execution_state") == "idle" for k in server.api("kernels")):
+    while not _kernel_connected(server, name):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the kernel of {name} did not connect within {timeout:.0f} s: {server.api('kernels')}")
+            raise TimeoutError(f"the kernel of {name} did not connect within {timeout:.0f} s")
         time.sleep(0.5)
     wait_kernel_idle(page, timeout)
     return LivePage(page, errors)
+
+
+def _kernel_connected(server: LabServer, name: str) -> bool:
+    """Whether notebook ``name``'s kernel has a client connected and is idle (the API can answer 500 meanwhile)."""
+    try:
+        sessions = server.api("sessions")
+    except (urllib.error.URLError, OSError):
+        return False
+    return any(s.get("path") == name and (s.get("kernel") or {}).get("connections", 0) >= 1
+               and (s.get("kernel") or {}).get("execution_state") == "idle" for s in sessions)
 
 
 #: Whether Lab's kernel indicator reads idle (the status bar's "| Idle" and the toolbar's indicator).
