@@ -295,8 +295,25 @@ def run_all(live: LivePage, *, timeout: float = 600.0) -> None:
         except Exception:  # noqa: BLE001 - playwright's TimeoutError; retried once
             if attempt:
                 raise
-    live.page.wait_for_function(_ALL_RAN_JS, timeout=timeout * 1000, polling=500)
+    deadline = time.monotonic() + timeout
+    while not live.page.evaluate(_ALL_RAN_JS):
+        stopped = live.page.evaluate(_IDLE_JS) and cell_errors(live)
+        if stopped or time.monotonic() > deadline:
+            prompts = live.page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").all_inner_texts()
+            shot = snapshot(live, "run-all")
+            raise RuntimeError(f"Run All did not finish ({'a cell failed' if stopped else 'timed out'}); prompts "
+                               f"{prompts}; errors {cell_errors(live)}; console {live.errors[-5:]}; screenshot {shot}")
+        time.sleep(0.5)
     wait_kernel_idle(live.page, timeout)
+
+
+def snapshot(live: LivePage, name: str) -> Path:
+    """A full-page screenshot in out/test-artifacts/live-lab-``name``.png (for a failure's report)."""
+    path = TREE / "out" / "test-artifacts" / f"live-lab-{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(Exception):
+        live.page.screenshot(path=str(path), full_page=True)
+    return path
 
 
 def run_cell(live: LivePage, index: int, *, timeout: float = 120.0) -> str:
