@@ -34,7 +34,8 @@ import nbformat
 
 #: Chromium flags: no sandbox (containers), no GPU, nothing fetched in the background.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+                 "--disable-sync", "--no-first-run", "--disable-background-timer-throttling",
+                 "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows"]
 #: The worktree whose kvlens the kernels import.
 TREE = Path(__file__).resolve().parent.parent
 #: Lab settings that make the page deterministic: every cell stays in the DOM (no windowing), no
@@ -102,7 +103,10 @@ def start_lab(root: Path, home: Path, *, timeout: float = 180.0) -> LabServer:
     log = home / "jupyter-lab.log"
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            "--port-retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--ServerApp.open_browser=False", "--ServerApp.terminals_enabled=False"]
+           "--ServerApp.open_browser=False", "--ServerApp.terminals_enabled=False",
+           # no websocket pings: on a loaded machine a late pong closes the kernel's websocket, and the
+           # replies of queued cells are lost with it (cells stay unrun)
+           "--ServerApp.websocket_ping_interval=0", "--ServerApp.websocket_ping_timeout=0"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and CI run as root
         cmd.append("--allow-root")
     with open(log, "wb") as out:
