@@ -90,6 +90,10 @@ def _isolated_env(home: Path) -> dict[str, str]:
         path = home / "settings" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(value), encoding="utf-8")
+    # no keep-alive pings on the kernel websocket: on a loaded machine a late pong closes it, and the
+    # replies of the cells queued by Run All are lost with it (those cells then stay unrun)
+    (home / "config" / "jupyter_server_config.json").write_text(
+        json.dumps({"ServerApp": {"tornado_settings": {"ws_ping_interval": 0}}}), encoding="utf-8")
     env.pop("JUPYTER_PATH", None)
     env.pop("JUPYTER_CONFIG_PATH", None)
     env["PYTHONPATH"] = os.pathsep.join([str(TREE), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -103,10 +107,7 @@ def start_lab(root: Path, home: Path, *, timeout: float = 180.0) -> LabServer:
     log = home / "jupyter-lab.log"
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            "--port-retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--ServerApp.open_browser=False", "--ServerApp.terminals_enabled=False",
-           # no websocket pings: on a loaded machine a late pong closes the kernel's websocket, and the
-           # replies of queued cells are lost with it (cells stay unrun)
-           "--ServerApp.websocket_ping_interval=0", "--ServerApp.websocket_ping_timeout=0"]
+           "--ServerApp.open_browser=False", "--ServerApp.terminals_enabled=False"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and CI run as root
         cmd.append("--allow-root")
     with open(log, "wb") as out:
@@ -300,13 +301,18 @@ def run_all(live: LivePage, *, timeout: float = 600.0) -> None:
             if attempt:
                 raise
     deadline = time.monotonic() + timeout
+    idle_since = None
     while not live.page.evaluate(_ALL_RAN_JS):
-        stopped = live.page.evaluate(_IDLE_JS) and cell_errors(live)
-        if stopped or time.monotonic() > deadline:
+        idle = live.page.evaluate(_IDLE_JS)
+        idle_since = (idle_since or time.monotonic()) if idle else None
+        failed = idle and cell_errors(live)
+        stuck = idle_since is not None and time.monotonic() - idle_since > 60  # idle, yet cells left unrun
+        if failed or stuck or time.monotonic() > deadline:
+            why = "a cell failed" if failed else "the kernel is idle with cells unrun" if stuck else "timed out"
             prompts = live.page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").all_inner_texts()
             shot = snapshot(live, "run-all")
-            raise RuntimeError(f"Run All did not finish ({'a cell failed' if stopped else 'timed out'}); prompts "
-                               f"{prompts}; errors {cell_errors(live)}; console {live.errors[-5:]}; screenshot {shot}")
+            raise RuntimeError(f"Run All did not finish ({why}); prompts {prompts}; errors {cell_errors(live)}; "
+                               f"console {live.errors[-5:]}; screenshot {shot}")
         time.sleep(0.5)
     wait_kernel_idle(live.page, timeout)
 
