@@ -69,15 +69,24 @@ stepper""",
 ]
 
 
+#: The page under test, for failure reports (console errors and a screenshot).
+_PAGES: list[ll.LivePage] = []
+
+
 def wait_until(fn: Callable[[], T], what: str, timeout: float = 300.0, every: float = 0.25) -> T:
-    """Poll ``fn`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    """Poll ``fn`` until it returns something truthy; fail naming ``what`` after ``timeout`` s (with the
+    page's console errors and a screenshot in out/test-artifacts/)."""
     deadline = time.monotonic() + timeout
     while True:
         value = fn()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+            extra = ""
+            if _PAGES:
+                shot = ll.snapshot(_PAGES[-1], re.sub(r"\W+", "-", what)[:40])
+                extra = f"; console errors {_PAGES[-1].errors[-6:]}; screenshot {shot}"
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
         time.sleep(every)
 
 
@@ -117,7 +126,8 @@ def live(lab: ll.LabServer, context: Any) -> ll.LivePage:
         cells[SETUP] = BREAK_SHOW_FIGURE + cells[SETUP]
     ll.write_notebook(lab.root / "live.ipynb", cells)
     page = ll.open_notebook(context, lab, "live.ipynb")
-    ll.run_all(page)
+    _PAGES.append(page)
+    ll.run_all(page, timeout=1200)
     return page
 
 
@@ -158,7 +168,7 @@ def test_run_all_draws_the_apps(live: ll.LivePage) -> None:
     explorer = wait_until(lambda: len(charts(live, EXPLORER)) >= 2 and charts(live, EXPLORER), "the trace charts", 120)
     assert ll.chart_problems(explorer, what="TraceExplorer chart") == []
     heat = explorer[0]
-    assert [t["type"] for t in heat["traces"]] == ["heatmap"] * 3 and all(t["zrows"] > 0 for t in heat["traces"])
+    assert [t["type"] for t in heat["traces"]] == ["heatmap"] * 3 and all(t["z"] > 0 for t in heat["traces"])
     assert position(live) == "0 / 2"
     assert not [e for e in live.errors if "anywidget" in e or "Failed to" in e], live.errors
 
@@ -200,9 +210,9 @@ def test_heatmap_click_shows_that_cell(live: ll.LivePage) -> None:
         live.page.mouse.move(x, y)
         live.page.mouse.click(x, y)
         token, layer = expected
-        want = f"token {token} "
-        text = wait_until(lambda: next((t for t in html_texts(live, EXPLORER) if want in t and f"layer {layer}" in t),
-                                       None), f"the detail of cell ({token}, {layer})", 60)
+        shows = re.compile(rf"token {token} .*, layer {layer}\b")
+        text = wait_until(lambda: next((t for t in html_texts(live, EXPLORER) if shows.search(t)), None),
+                          f"the detail of cell ({token}, {layer})", 60)
         detail = wait_until(lambda: (c := charts(live, EXPLORER)) and f"token {token}, layer {layer}" in c[1]["title"]
                             and c[1], "the cell's detail chart", 30)
         assert ll.chart_problems([detail], what="cell detail chart") == []
@@ -315,6 +325,7 @@ def test_empty_charts_fail_the_check(lab: ll.LabServer, context: Any) -> None:
     """The chart check trips on a page whose apps draw nothing (``show_figure`` broken in the kernel)."""
     ll.write_notebook(lab.root / "broken.ipynb", [BREAK_SHOW_FIGURE + SETUP_CELL, "kv.MemoryBrowser(model)"])
     page = ll.open_notebook(context, lab, "broken.ipynb")
+    _PAGES.append(page)
     try:
         ll.run_all(page)
         assert ll.cell_errors(page) == []
@@ -326,3 +337,4 @@ def test_empty_charts_fail_the_check(lab: ll.LabServer, context: Any) -> None:
         assert ll.chart_problems([]) == ["no chart was drawn (no .js-plotly-plot element)"]
     finally:
         page.page.close()
+        _PAGES.remove(page)
