@@ -160,12 +160,16 @@ def html_texts(live: ll.LivePage, cell: int) -> list[str]:
 def test_run_all_draws_the_apps(live: ll.LivePage) -> None:
     """After *Run All Cells*, every app shows its charts with data (and no cell failed)."""
     assert ll.cell_errors(live) == []
-    browser = wait_until(lambda: [c for c in charts(live, BROWSER) if c["traces"]] and charts(live, BROWSER),
-                         "the MemoryBrowser charts", 120)
+    live.output(BROWSER).scroll_into_view_if_needed()
+    # on a saturated machine the page can lag minutes behind the kernel (widget messages are handled in order)
+    browser = wait_until(lambda: len([c for c in charts(live, BROWSER) if c["traces"]]) >= 2 and charts(live, BROWSER),
+                         "the MemoryBrowser charts", 900)
     values, firing = browser[0], browser[1]
     assert ll.chart_problems([values, firing], what="MemoryBrowser chart") == []
     assert re.search(r"m\d+", values["title"]) and re.search(r"m\d+", firing["title"])
-    explorer = wait_until(lambda: len(charts(live, EXPLORER)) >= 2 and charts(live, EXPLORER), "the trace charts", 120)
+    live.output(EXPLORER).scroll_into_view_if_needed()
+    explorer = wait_until(lambda: len([c for c in charts(live, EXPLORER) if c["traces"]]) >= 2 and charts(live, EXPLORER),
+                          "the trace charts", 600)
     assert ll.chart_problems(explorer, what="TraceExplorer chart") == []
     heat = explorer[0]
     assert [t["type"] for t in heat["traces"]] == ["heatmap"] * 3 and all(t["z"] > 0 for t in heat["traces"])
@@ -182,7 +186,7 @@ def test_memory_pick_redraws_values_and_firing(live: ll.LivePage) -> None:
     memory = re.search(r"m(\d+)", labels[2]).group(1)
     select.select_option(index=2)
     after = wait_until(lambda: (c := charts(live, BROWSER)) and f"m{memory}" in c[1]["title"] and c,
-                       f"the firing chart of m{memory}", 60)
+                       f"the firing chart of m{memory}", 300)
     assert f"m{memory}" in after[0]["title"] and after[0]["title"] != before[0]["title"]
     assert after[1]["title"] != before[1]["title"]
     assert ll.chart_problems(after[:2], what="MemoryBrowser chart") == []
@@ -212,9 +216,9 @@ def test_heatmap_click_shows_that_cell(live: ll.LivePage) -> None:
         token, layer = expected
         shows = re.compile(rf"token {token} .*, layer {layer}\b")
         text = wait_until(lambda: next((t for t in html_texts(live, EXPLORER) if shows.search(t)), None),
-                          f"the detail of cell ({token}, {layer})", 60)
+                          f"the detail of cell ({token}, {layer})", 300)
         detail = wait_until(lambda: (c := charts(live, EXPLORER)) and f"token {token}, layer {layer}" in c[1]["title"]
-                            and c[1], "the cell's detail chart", 30)
+                            and c[1], "the cell's detail chart", 300)
         assert ll.chart_problems([detail], what="cell detail chart") == []
         seen.append((text, detail["title"], before_title))
     assert seen[0][1] != seen[1][1], "two different cells showed the same detail"
@@ -245,7 +249,7 @@ def check_every_tab(live: ll.LivePage) -> dict[str, list[str]]:
         if tab == "re-trace":
             ll.button(out, "Re-trace").click()
             wait_until(lambda: (c := charts(live, STEPPER, visible_only=True)) and c[0]["traces"], "the re-trace", 300)
-        shown = wait_until(lambda: charts(live, STEPPER, visible_only=True), f"a chart in tab {tab!r}", 30)
+        shown = wait_until(lambda: charts(live, STEPPER, visible_only=True), f"a chart in tab {tab!r}", 120)
         problems[tab] = ll.chart_problems(shown, what=f"{tab!r} chart")
     out.locator(".lm-TabBar-tab", has_text="metrics").first.click()
     tables = out.locator("table").filter(visible=True)
@@ -294,7 +298,7 @@ def bad_input(live: ll.LivePage, cell: int, fields: dict[str, str], press: str, 
     control = ll.button(out, press)
     control.click()
     wait_until(lambda: any(mentions in t and t not in before for t in html_texts(live, cell)),
-               f"an error mentioning {mentions!r} after {press}", 60)
+               f"an error mentioning {mentions!r} after {press}", 300)
     ll.wait_kernel_idle(live.page, 60)
     message = out.locator(".widget-html-content").filter(has_text=mentions).filter(visible=True).last
     return message, control
