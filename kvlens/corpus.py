@@ -22,9 +22,10 @@ import json
 import os
 import re
 import socket
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from kvlens.bundled_data import data_dir
 from kvlens.models.kvmodel import Batch, KVModel

@@ -12,8 +12,9 @@ baseline. Methods are built by factories so each experiment starts from fresh hy
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from kvlens.datasets import EvalCase, as_cases
 from kvlens.editing import MEMIT, ROME, EditRequest, KeyFT, LoRAKeys, LoRAValues, ValueFT

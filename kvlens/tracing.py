@@ -15,8 +15,9 @@ Only this module and :mod:`kvlens.models` import nnsight.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import nnsight
 import torch
@@ -233,11 +234,12 @@ def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | No
     past_len, width = int(start.max()), int((lengths - start).max())
     cache = DynamicCache(config=model.config) if past_len > 0 else None
     last = Site("resid", model.n_layers - 1)
-    with torch.no_grad(), model.nn.trace(**batch.inputs(), past_key_values=cache, use_cache=cache is not None) as tracer:
+    with torch.no_grad(), model.nn.trace(**batch.inputs(), past_key_values=cache,
+                                         use_cache=cache is not None) as tracer:
         envoy, _ = model.envoy(Site("resid", upto))
         top = nnsight.save(envoy.output)
         if cache is not None and upto < last.layer:  # every layer fills the cache; the head is not needed
-            model.envoy(last)[0].output
+            model.envoy(last)[0].output  # noqa: B018 (reading it makes every layer run and fill the cache)
         tracer.stop()
     dev = batch.input_ids.device
     suffix = (start.view(-1, 1) + torch.arange(width)).to(dev)

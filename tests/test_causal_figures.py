@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 import pytest
+from test_causal import PROMPT, SUBJECT, sharp
 
 from kvlens.causal import sever, trace, trace_many
 from kvlens.views import trace_figures as tf
-from test_causal import PROMPT, SUBJECT, sharp
 
 
 @pytest.fixture(scope="module")

@@ -60,10 +60,9 @@ def test_site_accessors_match_the_models_own_forward(model_type):
         b_v = m.value_bias(l)
         mlp = states[Site("key", l)] @ m.V(l) + (0 if b_v is None else b_v)
         close(mlp, states[Site("mlp", l)])
-    if model_type in ("gpt2", "gptj", "gpt_neox", "llama"):  # residual = h + attn + mlp
-        for l in range(1, m.n_layers - 1):
-            s = lambda k: states[Site(k, l)]  # noqa: E731
-            close(states[Site("resid", l - 1)] + s("attn") + s("mlp"), s("resid"))
+    for l in range(1, m.n_layers):  # residual after l = before + attn + mlp (serial and parallel alike)
+        before, attn, ffn = states[Site("resid", l - 1)], states[Site("attn", l)], states[Site("mlp", l)]
+        close(before + attn + ffn, states[Site("resid", l)])
 
 
 def test_parallel_residual_flags():

@@ -14,7 +14,7 @@ the restoration is (large for the late hidden states that flip the prediction).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

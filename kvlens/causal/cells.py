@@ -19,8 +19,8 @@ at positions ``>= t``, with cells × samples batched up to a memory budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

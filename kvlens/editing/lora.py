@@ -66,7 +66,8 @@ class LoRA(EditMethod):
 
         adapted = [n for n, m in model.hf.named_modules() if isinstance(m, BaseTunerLayer)]
         if adapted:
-            raise ValueError(f"the model already holds peft adapters ({adapted[:3]}{' ...' if len(adapted) > 3 else ''}); "
+            more = " ..." if len(adapted) > 3 else ""
+            raise ValueError(f"the model already holds peft adapters ({adapted[:3]}{more}); "
                              "kvlens's LoRA edit would remove them when it unloads its own: merge them first "
                              "(peft: model.merge_and_unload()) or edit a model without adapters")
 

@@ -18,8 +18,9 @@ The final norm is not linear; two read-outs are offered, named:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 

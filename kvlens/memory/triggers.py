@@ -6,8 +6,9 @@ the ``n`` highest. The corpus is streamed as fixed token windows (:func:`kvlens.
 a prefix runs from the start of its window (after the model's BOS/prefix ids) to the token.
 
 Mining keeps, for *every* memory of each layer it reads, a running top-``n`` of
-``(coefficient, window, position)`` over windows, each at its best position: memory stays flat however long the corpus is, and one pass
-answers "what triggers this key" for all keys of that layer. Results are cached on disk under
+``(coefficient, window, position)`` over windows, each at its best position: memory stays flat
+however long the corpus is, and one pass answers "what triggers this key" for all keys of that
+layer. Results are cached on disk under
 ``kvlens.cache_dir()/triggers``, keyed by the model fingerprint, the prefix ids, the corpus id
 and the mining parameters; the texts are rebuilt by re-tokenizing the windows that are needed.
 """
@@ -18,9 +19,9 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -78,7 +79,7 @@ class _TopN:
     position: torch.Tensor  # [n, d_ff] long
 
     @classmethod
-    def empty(cls, n: int, d_ff: int) -> "_TopN":
+    def empty(cls, n: int, d_ff: int) -> _TopN:
         return cls(torch.full((n, d_ff), -torch.inf), torch.full((n, d_ff), -1), torch.full((n, d_ff), -1))
 
     def update(self, coef: torch.Tensor, valid: torch.Tensor, first_window: int) -> None:

@@ -13,8 +13,9 @@ is the input of the value projection. Positions of states are named by :class:`S
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from nnsight.modeling.transformers import TransformersModel

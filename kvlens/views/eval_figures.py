@@ -12,7 +12,8 @@ Every axis or legend names the metric's convention (counterfact / zsre / easyedi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
@@ -134,7 +135,7 @@ def case_shift(report: EditReport, metric: str = "EM") -> go.Figure:
     return fig
 
 
-def comparison_figure(comparison: "Comparison", columns: Sequence[str] = ("Score", "Efficacy", "Generalization",
+def comparison_figure(comparison: Comparison, columns: Sequence[str] = ("Score", "Efficacy", "Generalization",
                                                                           "Specificity")) -> go.Figure:
     """The keys-vs-values bar chart of a :class:`~kvlens.experiments.Comparison` (Qiu et al.'s columns).
 
@@ -153,7 +154,7 @@ def comparison_figure(comparison: "Comparison", columns: Sequence[str] = ("Score
     return fig
 
 
-def scaling_figure(result: "Scaling", metric: str = "ES") -> go.Figure:
+def scaling_figure(result: Scaling, metric: str = "ES") -> go.Figure:
     """The scaling curve of a :class:`~kvlens.experiments.Scaling` result, baseline dotted."""
     fig = scaling_curve(result.points, metric, baseline=result.baseline)
     fig.update_layout(title=f"{metric} against the number of {result.mode} edits")

@@ -39,7 +39,8 @@ def _delta(result: WeightDelta) -> list[Section]:
     if "seconds" in result.info:
         text += f" Computed in {result.info['seconds']:.1f} s."
     params = {"model": result.model_name, "method": result.method, "hparams": result.hparams,
-              "requests": [q.to_dict() for q in result.requests], "fingerprints": {f"{l}.{r}": fp for (l, r), fp in result.base.items()}}
+              "requests": [q.to_dict() for q in result.requests],
+              "fingerprints": {f"{l}.{r}": fp for (l, r), fp in result.base.items()}}
     sections = [Section(f"Edit: {result.method}", text=text, table=delta_rows(result),
                         figure=edit_figures.part_norm_bars(result), params=params)]
     outcome = outcome_rows(result)
