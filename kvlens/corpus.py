@@ -84,7 +84,7 @@ def _read_file(path: Path) -> Iterator[str]:
     """Documents of one file: one per JSON line for ``.jsonl`` (field ``text``), else the file."""
     opener = gzip.open if path.suffix == ".gz" else open
     stem = path.with_suffix("") if path.suffix == ".gz" else path
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+    with opener(path, "rt", encoding="utf-8") as f:
         if stem.suffix == ".jsonl":
             for line in f:
                 if line.strip():

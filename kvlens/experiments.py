@@ -115,7 +115,7 @@ def compare_methods(model: KVModel, requests: Any, methods: Sequence[str] | Mapp
     if generation:
         cases = [replace(c, generation_prompts=c.generation_prompts[:1]) for c in cases]
     chosen = _methods(methods)
-    gen = dict(generation=generation, max_new_tokens=max_new_tokens, seed=seed)
+    gen: dict[str, Any] = dict(generation=generation, max_new_tokens=max_new_tokens, seed=seed)
     baseline = evaluate(model, cases, **gen)
     reqs = requests_of(cases)
     reports, seconds = {}, {}

@@ -15,7 +15,7 @@ Only this module and :mod:`kvlens.models` import nnsight.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,7 +132,7 @@ def add_at(rows: torch.Tensor | Sequence[int], cols: torch.Tensor | Sequence[int
 
 
 @contextlib.contextmanager
-def trainable(*tensors: torch.nn.Parameter):
+def trainable(*tensors: torch.nn.Parameter) -> Iterator[None]:
     """Enable ``requires_grad`` on ``tensors`` for the block, then restore each flag."""
     flags = [t.requires_grad for t in tensors]
     try:
@@ -162,7 +162,7 @@ class Prefix:
     start: torch.Tensor  # [R] long
     batch: Batch
     positions: torch.Tensor  # [R, W] true position of each suffix column (padding: the row's last)
-    top: object  # layer ``upto``'s output as it returns it (tensor or tuple), its states in suffix layout
+    top: Any  # layer ``upto``'s output as it returns it (tensor or tuple), its states in suffix layout
     past_mask: torch.Tensor  # [R, P]
     # per layer [R, heads, P, head_dim]; None for layers 1..upto (skipped: never read); () when P == 0
     keys: tuple[torch.Tensor | None, ...]
@@ -199,7 +199,10 @@ class Prefix:
             cache = DynamicCache(config=model.config)
             for layer, (k, v) in enumerate(zip(self.keys, self.values)):
                 # skipped layers hold layer 0's past: never read, but the cache reports its length
-                cache.update(self.keys[0] if k is None else k, self.values[0] if v is None else v, layer)
+                k, v = (self.keys[0], self.values[0]) if k is None or v is None else (k, v)
+                if k is None or v is None:
+                    raise ValueError("a prefix's layer 0 keeps its attention keys and values")
+                cache.update(k, v, layer)
             out["past_key_values"] = cache
             out["use_cache"] = True
         return out
@@ -232,7 +235,8 @@ def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | No
     if window is not None and window <= batch.input_ids.shape[1] + 1:
         start = torch.zeros_like(start)
     past_len, width = int(start.max()), int((lengths - start).max())
-    cache = DynamicCache(config=model.config) if past_len > 0 else None
+    # Any: transformers types cache.layers[j] as a union that includes layers without .keys/.values
+    cache: Any = DynamicCache(config=model.config) if past_len > 0 else None
     last = Site("resid", model.n_layers - 1)
     with torch.no_grad(), model.nn.trace(**batch.inputs(), past_key_values=cache,
                                          use_cache=cache is not None) as tracer:
@@ -299,7 +303,7 @@ def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, read: Iterable[S
 class _TraceOptions:
     """An nnsight model whose traces all get extra keyword arguments; everything else delegates."""
 
-    def __init__(self, nn_model: object, options: dict[str, object]) -> None:
+    def __init__(self, nn_model: Any, options: dict[str, object]) -> None:
         self._nn_model = nn_model
         self._options = options
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -56,7 +56,7 @@ class AlphaEdit(MEMIT):
     """Null-space constrained MEMIT (hyperparameters: :class:`AlphaEditHparams`)."""
 
     name = "alphaedit"
-    presets = ALPHAEDIT_PRESETS
+    presets: ClassVar[dict[str, Any]] = ALPHAEDIT_PRESETS
 
     def __init__(self, hparams: AlphaEditHparams | None = None, *, preset: str | None = None,
                  previous_keys: Mapping[int, torch.Tensor] | None = None, **overrides: Any) -> None:
@@ -68,7 +68,7 @@ class AlphaEdit(MEMIT):
         top = max(1, model.n_layers // 4)
         return AlphaEditHparams(layers=tuple(range(max(0, top - 2), top + 1)))
 
-    def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: AlphaEditHparams,
+    def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams,
                  **kwargs: Any) -> WeightDelta:
         self._projectors = {}
         committed = dict(self.previous_keys)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -171,7 +172,7 @@ def trigger_examples(model: KVModel, memories: MemoryId | Sequence[MemoryId], co
     check_k(n, "n")
     check_k(window, "window")
     single = isinstance(memories, tuple) and len(memories) == 2 and isinstance(memories[0], int)
-    pairs = [memories] if single else list(memories)
+    pairs: list[Any] = [memories] if single else list(memories)  # (layer, index) pairs, checked below
     if not pairs:
         raise ValueError("memories is empty: pass (layer, index) pairs")
     pairs = [(model.check_layer(l), check_memory(model, l, i)) for l, i in pairs]

@@ -70,7 +70,7 @@ def load_embedded_gguf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
     gguf = embedded_gguf()
     # dequantize=True gives a plain model that save_pretrained accepts.
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(  # Any: transformers types it as a bare nn.Module
         gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -173,7 +173,7 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise OSError(

@@ -13,7 +13,7 @@ Every axis or legend names the metric's convention (counterfact / zsre / easyedi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 
@@ -27,7 +27,7 @@ DEFAULT_METRICS = ("ES", "PS", "NS", "S")
 _PER_CASE_KEY = {name: key for name, key, _ in AGGREGATES}
 
 
-def _bar(name: str, estimates: Sequence[Estimate | None], metrics: Sequence[str], **kw) -> go.Bar:
+def _bar(name: str, estimates: Sequence[Estimate | None], metrics: Sequence[str], **kw: Any) -> go.Bar:
     ys = [None if e is None else e.mean for e in estimates]
     plus = [0 if e is None else e.high - e.mean for e in estimates]
     minus = [0 if e is None else e.mean - e.low for e in estimates]
@@ -38,7 +38,7 @@ def _bar(name: str, estimates: Sequence[Estimate | None], metrics: Sequence[str]
 
 
 def _conventions(reports: Sequence[EditReport], metrics: Sequence[str]) -> str:
-    seen = {}
+    seen: dict[str, str] = {}
     for r in reports:
         for state in r.aggregate.values():
             for m in metrics:
@@ -125,7 +125,8 @@ def case_shift(report: EditReport, metric: str = "EM") -> go.Figure:
     if any(v is None for v in before + after):
         raise ValueError(f"metric {metric!r} is not in every case; available: {sorted(report.per_case['after'][0])}")
     labels = [f"{c.subject} -> {c.target_new.strip()}" for c in report.cases]
-    lo, hi = min(before + after), max(before + after)
+    values = [v for v in before + after if v is not None]  # all of them (checked above)
+    lo, hi = min(values), max(values)
     fig = go.Figure([go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"),
                                 name="unchanged"),
                      go.Scatter(x=before, y=after, mode="markers", text=labels, name="case",

@@ -13,7 +13,7 @@ import html
 import json
 import platform
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ class Section:
 
     title: str
     text: str = ""
-    table: list[Mapping[str, Any]] | None = None
+    table: Sequence[Mapping[str, Any]] | None = None
     figure: go.Figure | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     figures: list[go.Figure] = field(default_factory=list)
@@ -62,7 +62,7 @@ def versions() -> dict[str, str]:
 _versions = versions  # backwards-compatible private name
 
 
-def table_html(rows: list[Mapping[str, Any]]) -> str:
+def table_html(rows: Sequence[Mapping[str, Any]]) -> str:
     """An HTML table of ``rows`` (columns: the union of their keys), every cell escaped."""
     if not rows:
         return "<p><em>(empty table)</em></p>"
