@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
 from nnsight.modeling.transformers import TransformersModel
@@ -23,6 +23,9 @@ from torch import nn
 
 from kvlens.models.registry import get_arch
 from kvlens.models.spec import ArchSpec
+
+if TYPE_CHECKING:
+    from kvlens.models.validation import Validation
 
 SiteKind = Literal["embed", "resid_pre", "attn", "mlp_in", "key", "mlp", "resid", "logits"]
 Role = Literal["key", "gate", "value"]
@@ -159,6 +162,8 @@ class KVModel:
         self.spec = spec
         self.name = name or getattr(hf_model.config, "name_or_path", "") or spec.model_type
         self.prefix = prefix
+        #: what load-time validation checked (:mod:`kvlens.models.validation`); None: not run
+        self.validation: Validation | None = None
         try:
             layers = hf_model.get_submodule(spec.layers)
         except AttributeError:
@@ -410,7 +415,8 @@ class KVModel:
                 ) from None
 
 
-def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "") -> KVModel:
+def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "",
+         validate: bool = True) -> KVModel:
     """Wrap a model you already have: its ``config.model_type`` picks the spec.
 
     Args:
@@ -419,6 +425,11 @@ def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "
         name: a display name (defaults to ``config.name_or_path``).
         prefix: text put before every prompt (e.g. a BOS token string for models whose
             tokenizer adds none).
+        validate: check the spec on the model's own forward, first and last layers
+            (:func:`kvlens.models.validation.validate`: one forward of a few tokens and one
+            with layer 0's attention perturbed); a mismatch raises
+            :class:`~kvlens.models.validation.SpecMismatchError` naming the role, and leaves
+            ``hf_model`` and ``tokenizer`` as they were.
     """
     config = getattr(hf_model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -426,4 +437,17 @@ def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "
         raise TypeError(
             f"wrap() needs a Hugging Face model with a config.model_type; got {type(hf_model).__name__}"
         )
-    return KVModel(hf_model, tokenizer, get_arch(model_type), name=name, prefix=prefix)
+    spec = get_arch(model_type)
+    if not validate:
+        return KVModel(hf_model, tokenizer, spec, name=name, prefix=prefix)
+    from kvlens.models.validation import caller_state
+    from kvlens.models.validation import validate as check
+
+    restore = caller_state(hf_model, tokenizer)
+    model = KVModel(hf_model, tokenizer, spec, name=name, prefix=prefix)
+    try:
+        model.validation = check(model)
+    except BaseException:
+        restore()
+        raise
+    return model

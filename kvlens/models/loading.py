@@ -136,7 +136,8 @@ def _quantization_config(load_in_4bit: bool) -> Any:
 
 def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, device_map: str | dict[str, Any] | None = None,
-         load_in_4bit: bool = False, prefix: str | None = None, **from_pretrained: Any) -> KVModel:
+         load_in_4bit: bool = False, prefix: str | None = None, validate: bool = True,
+         **from_pretrained: Any) -> KVModel:
     """Load a causal LM as a :class:`KVModel`.
 
     Args:
@@ -148,6 +149,8 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
         load_in_4bit: NF4 weights through bitsandbytes; an error where it cannot run
             (never a silent full-precision load).
         prefix: text put before every prompt (the embedded default uses ``<|endoftext|>``).
+        validate: check the spec on the loaded weights (one forward of a few tokens; see
+            :func:`kvlens.wrap`); ``False`` skips it.
         **from_pretrained: further keyword arguments for ``from_pretrained`` (e.g. ``revision``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,4 +186,5 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
     if device is not None and quant is None:
         model.to(device)
     model.config.name_or_path = display
-    return wrap(model, tokenizer, name=display, prefix=default_prefix if prefix is None else prefix)
+    return wrap(model, tokenizer, name=display, prefix=default_prefix if prefix is None else prefix,
+                validate=validate)
