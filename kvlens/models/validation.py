@@ -25,7 +25,7 @@ offloaded) is not validated; :attr:`Validation.skipped` says so.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +125,7 @@ def _coefficients(model: KVModel, layer: int, x: torch.Tensor, act: Callable[[to
     return act(pre) * gate if swap else act(gate) * pre
 
 
-def _check_layer(model: KVModel, layer: int, states: dict[str, torch.Tensor], tol: float,
+def _check_layer(model: KVModel, layer: int, states: Mapping[SiteKind, torch.Tensor], tol: float,
                  errors: dict[str, float], failures: list[tuple[str, str]]) -> None:
     """The value, key/gate/activation and residual identities at ``layer`` (see the module doc)."""
     s = model.spec
