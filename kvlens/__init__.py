@@ -72,8 +72,9 @@ from kvlens.models import (
     registered_types,
     wrap,
 )
+from kvlens.version import package_version
 
-__version__ = "0.1.0"
+__version__ = package_version("kvlens", default="0+unknown")
 
 _LAZY = {
     "Report": "kvlens.views.report",

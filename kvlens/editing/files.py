@@ -16,17 +16,13 @@ import torch
 from kvlens.editing.delta import Part, PartKey, WeightDelta, dumps
 from kvlens.editing.request import EditRequest
 from kvlens.models.kvmodel import KVModel
+from kvlens.version import versions
 
 FORMAT = "kvlens.WeightDelta/1"
 
 
 def _versions() -> dict[str, str]:
-    import transformers
-
-    import kvlens
-
-    return {"kvlens": getattr(kvlens, "__version__", "?"), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return versions(("kvlens", "torch", "transformers"))
 
 
 def save_delta(delta: WeightDelta, path: str | Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import platform
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +20,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.offline
 
-#: Packages whose versions every report records.
-VERSIONED = ("kvlens", "torch", "transformers", "nnsight", "plotly", "numpy")
+from kvlens.version import versions
 
 
 @dataclass
@@ -44,19 +42,6 @@ class Section:
     def all_figures(self) -> list[go.Figure]:
         """``figure`` (if any) followed by ``figures``."""
         return ([self.figure] if self.figure is not None else []) + list(self.figures)
-
-
-def versions() -> dict[str, str]:
-    """Python and package versions (recorded in every report)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 _versions = versions  # backwards-compatible private name
