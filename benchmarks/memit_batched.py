@@ -39,7 +39,8 @@ def load_requests(n: int) -> tuple[list[EditRequest], list[EditRequest]]:
     variants = [replace(f, prompt=p.replace(f.subject, "{}", 1)) for f, r in zip(facts, records)
                 for p in r.get("paraphrase_prompts", []) if f.subject in p]
     reqs = list(check_requests(facts + variants))[:n]
-    paraphrases = [variants[i] for i in range(len(variants)) if variants[i].subject in {r.subject for r in reqs[: len(facts)]}]
+    edited = {r.subject for r in reqs[: len(facts)]}
+    paraphrases = [v for v in variants if v.subject in edited]
     return reqs, paraphrases
 
 

@@ -319,8 +319,9 @@ def finish(records: list[dict]) -> list[dict]:
 
 def main() -> int:
     sys.path.insert(0, str(HERE))
-    import kvlens
     from check_facts import check_records, summarize
+
+    import kvlens
 
     model = kvlens.load()
     cands = candidates()

@@ -23,8 +23,8 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 OUT = Path(__file__).parent / "text" / "enwiki_sample.jsonl.gz"

@@ -15,9 +15,10 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 BUNDLED = Path(__file__).parent / "counterfact_mini.json"
 MARGIN = math.log(10.0)

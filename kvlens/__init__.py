@@ -22,14 +22,35 @@ import importlib
 from typing import Any
 
 from kvlens import corpus, metrics
-from kvlens.causal import (CausalTrace, SeveredTrace, TraceSummary, noise_scale, sever, suggest_edit_layers,
-                           trace, trace_many)
+from kvlens.causal import (
+    CausalTrace,
+    SeveredTrace,
+    TraceSummary,
+    noise_scale,
+    sever,
+    suggest_edit_layers,
+    trace,
+    trace_many,
+)
 from kvlens.corpus import Corpus
-from kvlens.datasets import (EvalCase, load_bundled, load_counterfact, load_json, load_reference_texts,
-                             load_zsre)
-from kvlens.editing import (MEMIT, ROME, AlphaEdit, EditHistory, EditRequest, GateFT, KeyFT, LoRAGates,
-                            LoRAKeys, LoRAValues, ValueFT, WeightDelta, available_methods, get_method,
-                            register_method)
+from kvlens.datasets import EvalCase, load_bundled, load_counterfact, load_json, load_reference_texts, load_zsre
+from kvlens.editing import (
+    MEMIT,
+    ROME,
+    AlphaEdit,
+    EditHistory,
+    EditRequest,
+    GateFT,
+    KeyFT,
+    LoRAGates,
+    LoRAKeys,
+    LoRAValues,
+    ValueFT,
+    WeightDelta,
+    available_methods,
+    get_method,
+    register_method,
+)
 from kvlens.evaluate import EditReport, evaluate
 from kvlens.experiments import compare_methods, keys_vs_values, scaling
 from kvlens.memory.activations import KeyActivations, TopMemories, keys
@@ -38,10 +59,22 @@ from kvlens.memory.intervene import Intervention, Prediction, intervene, predict
 from kvlens.memory.lens import Composition, LogitLens, composition, logit_lens
 from kvlens.memory.triggers import TriggerExamples, trigger_examples
 from kvlens.memory.vocab import FoundMemories, VocabProjection, find_memories, values
-from kvlens.models import (ArchSpec, Batch, KVModel, Site, UnknownArchitectureError, cache_dir, get_arch,
-                           load, register_arch, registered_types, wrap)
+from kvlens.models import (
+    ArchSpec,
+    Batch,
+    KVModel,
+    Site,
+    UnknownArchitectureError,
+    cache_dir,
+    get_arch,
+    load,
+    register_arch,
+    registered_types,
+    wrap,
+)
+from kvlens.version import package_version
 
-__version__ = "0.1.0"
+__version__ = package_version("kvlens", default="0+unknown")
 
 _LAZY = {
     "Report": "kvlens.views.report",

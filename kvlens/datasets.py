@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from kvlens.bundled_data import data_dir
 from kvlens.errors import BadInput, CorruptFile, KVLensError
@@ -94,7 +95,10 @@ class EvalCase:
 
     def neighborhood_pairs(self) -> list[tuple[str, str]]:
         """``(prompt, expected object)`` for each neighbourhood prompt."""
-        targets = self.neighborhood_targets or (self.target_true,) * len(self.neighborhood_prompts)
+        if not self.neighborhood_targets and self.target_true is None and self.neighborhood_prompts:
+            raise ValueError(f"case {self.case_id!r}: neighbourhood prompts need neighborhood_targets "
+                             "when the true object is unknown")
+        targets = self.neighborhood_targets or (self.target_true or "",) * len(self.neighborhood_prompts)
         return list(zip(self.neighborhood_prompts, targets))
 
 
@@ -146,9 +150,9 @@ def from_record(record: dict, index: int = 0) -> EvalCase:
         return EvalCase(
             case_id=record.get("case_id", index), prompt=src.replace(subject, "{}", 1), subject=subject,
             target_new=_target(answers[0], where, "answers"), target_true=None, relation_id="zsre",
-            paraphrase_prompts=[_get(record, "rephrase", where)],
-            neighborhood_prompts=[_get(record, "loc", where) + "?"],
-            neighborhood_targets=[_target(_get(record, "loc_ans", where), where, "loc_ans")],
+            paraphrase_prompts=(_get(record, "rephrase", where),),
+            neighborhood_prompts=(_get(record, "loc", where) + "?",),
+            neighborhood_targets=(_target(_get(record, "loc_ans", where), where, "loc_ans"),),
             source="zsre", extra={"record": record})
     if {"prompt", "subject", "target_new"} <= set(record):
         true = record.get("target_true")
@@ -167,15 +171,15 @@ def from_record(record: dict, index: int = 0) -> EvalCase:
     )
 
 
-def _prompts(items: Sequence[Any]) -> list[str]:
+def _prompts(items: Sequence[Any]) -> tuple[str, ...]:
     """Neighbourhood prompts may be strings or MEMIT-style ``{"prompt", "target"}`` dicts."""
-    return [p["prompt"] if isinstance(p, dict) else p for p in items]
+    return tuple(p["prompt"] if isinstance(p, dict) else p for p in items)
 
 
-def _targets(items: Sequence[Any]) -> list[str]:
+def _targets(items: Sequence[Any]) -> tuple[str, ...]:
     if items and all(isinstance(p, dict) for p in items):
-        return [p["target"] for p in items]
-    return []
+        return tuple(p["target"] for p in items)
+    return ()
 
 
 def to_record(case: EvalCase) -> dict:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -250,10 +251,10 @@ def generate(model: KVModel, prompts: Sequence[str], *, max_new_tokens: int = 10
             for r, e in enumerate(enc):
                 ids[r, width - len(e):] = torch.tensor(e)
                 mask[r, width - len(e):] = 1
+            generate: Any = model.hf.generate  # transformers' GenerationMixin (nn.Module types it Tensor | Module)
             with torch.no_grad():
-                out = model.hf.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                        do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,
-                                        pad_token_id=pad)
+                out = generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                               do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens, pad_token_id=pad)
             for p, row in zip(chunk, out[:, width:]):
                 texts.append(p + tok.decode(row.tolist(), skip_special_tokens=True))
     return texts

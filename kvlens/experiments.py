@@ -12,8 +12,9 @@ baseline. Methods are built by factories so each experiment starts from fresh hy
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from kvlens.datasets import EvalCase, as_cases
 from kvlens.editing import MEMIT, ROME, EditRequest, KeyFT, LoRAKeys, LoRAValues, ValueFT
@@ -114,7 +115,7 @@ def compare_methods(model: KVModel, requests: Any, methods: Sequence[str] | Mapp
     if generation:
         cases = [replace(c, generation_prompts=c.generation_prompts[:1]) for c in cases]
     chosen = _methods(methods)
-    gen = dict(generation=generation, max_new_tokens=max_new_tokens, seed=seed)
+    gen: dict[str, Any] = dict(generation=generation, max_new_tokens=max_new_tokens, seed=seed)
     baseline = evaluate(model, cases, **gen)
     reqs = requests_of(cases)
     reports, seconds = {}, {}

@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ def magnitude(nll_new: Sequence[float], nll_true: Sequence[float]) -> float:
     return float(np.mean(np.exp(-n) - np.exp(-t)))
 
 
-def _cases(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], what: str):
+def _cases(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], what: str
+           ) -> Iterator[tuple[Sequence[float], Sequence[float]]]:
     if len(a) != len(b):
         raise ValueError(f"{what}: {len(a)} cases of new-object NLLs but {len(b)} of true-object NLLs")
     if len(a) == 0:
@@ -106,12 +107,12 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 
 # ---- zsRE / EasyEdit token accuracy ----------------------------------------------------------
-def token_accuracy(hits: Sequence[bool]) -> float:
+def token_accuracy(hits: Sequence[bool] | np.ndarray) -> float:
     """Teacher-forced top-1 accuracy over one target's tokens (zsRE, EasyEdit Reliability)."""
     return float(_array(np.asarray(hits, dtype=float), "token_accuracy").mean())
 
 
-def argmax_agreement(before: Sequence[int], after: Sequence[int]) -> float:
+def argmax_agreement(before: Sequence[int] | np.ndarray, after: Sequence[int] | np.ndarray) -> float:
     """EasyEdit Locality of one prompt: fraction of positions whose argmax token is unchanged."""
     b, a = np.asarray(before), np.asarray(after)
     if b.shape != a.shape or b.size == 0:

@@ -61,8 +61,9 @@ def tiny_hf(model_type: str, seed: int = 0, **overrides):
     return model
 
 
-def tiny(model_type: str, seed: int = 0, **overrides) -> kvlens.KVModel:
-    return kvlens.wrap(tiny_hf(model_type, seed, **overrides), CharTokenizer())
+def tiny(model_type: str, seed: int = 0, validate: bool = False, **overrides) -> kvlens.KVModel:
+    """A tiny random model wrapped; load-time validation is off (tests/test_registry.py runs it per family)."""
+    return kvlens.wrap(tiny_hf(model_type, seed, **overrides), CharTokenizer(), validate=validate)
 
 
 @pytest.fixture(scope="session")

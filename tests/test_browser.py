@@ -100,8 +100,9 @@ def rendered_figures(page: Any, expected: int) -> tuple[int, int]:
     count = """() => [...document.querySelectorAll('.plotly-graph-div, .js-plotly-plot')]
                     .filter(d => d.querySelector('svg.main-svg')).length"""
     page.wait_for_function(f"() => ({count})() >= {expected}", timeout=30_000)
-    return page.evaluate("""() => { const d = [...new Set(document.querySelectorAll('.plotly-graph-div, .js-plotly-plot'))];
-                                   return [d.length, d.filter(x => x.querySelector('svg.main-svg')).length]; }""")
+    return page.evaluate("""() => {
+        const d = [...new Set(document.querySelectorAll('.plotly-graph-div, .js-plotly-plot'))];
+        return [d.length, d.filter(x => x.querySelector('svg.main-svg')).length]; }""")
 
 
 def test_saved_report_renders_offline_and_escapes_script(browser, tmp_path):

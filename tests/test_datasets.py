@@ -65,7 +65,8 @@ def test_missing_field_names_record_and_field():
         D.from_record({"question": "?"})
     empty = json.loads(json.dumps(RECORD))
     empty["requested_rewrite"]["target_new"]["str"] = "  "
-    with pytest.raises(ValueError, match=r"record 0 \(case_id 7\), field 'requested_rewrite.target_new.str': empty target"):
+    with pytest.raises(ValueError,
+                       match=r"record 0 \(case_id 7\), field 'requested_rewrite.target_new.str': empty target"):
         D.from_record(empty)
 
 

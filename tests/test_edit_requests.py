@@ -43,7 +43,8 @@ def test_conflicts_and_duplicates():
 
 def test_counterfact_record():
     rec = {"requested_rewrite": {"prompt": "{} is located in", "subject": "Big Ben",
-                                 "target_new": {"str": "Rome", "id": "Q1"}, "target_true": {"str": "London", "id": "Q2"}}}
+                                 "target_new": {"str": "Rome", "id": "Q1"},
+                                 "target_true": {"str": "London", "id": "Q2"}}}
     r = EditRequest.from_dict(rec)
     assert (r.subject, r.target_new, r.target_true) == ("Big Ben", "Rome", "London")
     assert EditRequest.from_dict(r.to_dict()) == r

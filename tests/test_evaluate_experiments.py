@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import tiny
+
 from kvlens.datasets import EvalCase
 from kvlens.editing import KeyFT, ValueFT
 from kvlens.experiments import compare_methods, requests_of, scaling

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny
+from test_evaluate import ShiftDelta
+
 from kvlens.datasets import EvalCase
 from kvlens.evaluate import evaluate
 from kvlens.views import eval_figures as F
-from test_evaluate import ShiftDelta
 
 
 @pytest.fixture(scope="module")

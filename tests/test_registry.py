@@ -48,7 +48,8 @@ def test_reference_forward_proves_roles_and_orientation(model_type):
 def test_site_accessors_match_the_models_own_forward(model_type):
     m = tiny(model_type)
     batch = m.tokenize(["hello world", "kv"])
-    sites = [Site(kind, l) for l in range(m.n_layers) for kind in ("attn", "key", "mlp", "resid")]
+    kinds = ("resid_pre", "attn", "mlp_in", "key", "mlp", "resid")
+    sites = [Site(kind, l) for l in range(m.n_layers) for kind in kinds]
     states = tracing.run(m, batch, read=sites + [Site("embed"), Site("logits")])
     with torch.no_grad():
         ref = m.hf(**batch.inputs(), output_hidden_states=True)
@@ -60,10 +61,13 @@ def test_site_accessors_match_the_models_own_forward(model_type):
         b_v = m.value_bias(l)
         mlp = states[Site("key", l)] @ m.V(l) + (0 if b_v is None else b_v)
         close(mlp, states[Site("mlp", l)])
-    if model_type in ("gpt2", "gptj", "gpt_neox", "llama"):  # residual = h + attn + mlp
-        for l in range(1, m.n_layers - 1):
-            s = lambda k: states[Site(k, l)]  # noqa: E731
-            close(states[Site("resid", l - 1)] + s("attn") + s("mlp"), s("resid"))
+    for l in range(m.n_layers):  # residual after l = before + attn + mlp (serial and parallel alike)
+        before, attn, ffn = states[Site("resid_pre", l)], states[Site("attn", l)], states[Site("mlp", l)]
+        if l > 0:
+            torch.testing.assert_close(before, states[Site("resid", l - 1)])
+        close(before + attn + ffn, states[Site("resid", l)])
+        with torch.no_grad():  # the FFN's input gives its output
+            close(m.mlp(l)(states[Site("mlp_in", l)]), ffn)
 
 
 def test_parallel_residual_flags():
@@ -146,3 +150,115 @@ def test_layer_out_of_range_and_bad_sites():
         Site("ffn", 0)
     with pytest.raises(ValueError, match="no gate projection"):
         tiny("gpt2").gate(0)
+
+
+# ---- load-time validation on the model's own forward (kvlens.models.validation) -------------------
+VARIANTS = [(f, {}) for f in FAMILIES] + [("gpt_neox", {"use_parallel_residual": False})]
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), VARIANTS)
+def test_validation_passes_on_every_family(model_type, overrides):
+    m = tiny(model_type, validate=True, **overrides)
+    v = m.validation
+    assert v is not None and not v.skipped and v.layers == (0, m.n_layers - 1)
+    assert v.parallel_residual == m.parallel_residual
+    checks = {f"{c} {l}" for c in ("value", "key", "residual") for l in v.layers} | {"parallel residual"}
+    assert set(v.errors) == checks and max(v.errors.values()) <= v.tolerance == 1e-2
+
+
+def _wrap_with(spec, hf, **kw):
+    """``wrap(hf)`` with ``spec`` registered for the call only."""
+    from kvlens.models import registry
+    from tests.conftest import CharTokenizer
+
+    old = registry._REGISTRY.get(spec.model_type)
+    try:
+        kvlens.register_arch(spec, overwrite=True)
+        return kvlens.wrap(hf, CharTokenizer(), **kw)
+    finally:
+        if old is None:
+            registry._REGISTRY.pop(spec.model_type, None)
+        else:
+            registry._REGISTRY[spec.model_type] = old
+
+
+def _refused(spec, hf, roles, match):
+    from kvlens.models.validation import SpecMismatchError
+
+    hf.train()
+    with pytest.raises(SpecMismatchError, match=match) as err:
+        _wrap_with(spec, hf)
+    assert err.value.roles == roles
+    assert hf.training and all(p.requires_grad for p in hf.parameters())  # the caller's model as it was
+    return err.value
+
+
+def test_validation_names_swapped_key_and_gate():
+    from dataclasses import replace
+
+    from tests.conftest import tiny_hf
+
+    llama = kvlens.get_arch("llama")
+    _refused(replace(llama, key="gate_proj", gate="up_proj"), tiny_hf("llama"), ("key/gate",),
+             r"key and gate projections are swapped.*set key='up_proj', gate='gate_proj'")
+
+
+def test_validation_names_a_wrong_activation_orientation_and_value():
+    from dataclasses import replace
+
+    from tests.conftest import tiny_hf
+
+    gpt2 = kvlens.get_arch("gpt2")
+    _refused(replace(gpt2, activation="dropout"), tiny_hf("gpt2"), ("activation",), r"activation='dropout'")
+    e = _refused(replace(gpt2, conv1d=False), tiny_hf("gpt2"), ("value", "key/activation"), "conv1d=False")
+    assert "layer 0" in str(e) and "register_arch" in str(e) and "validate=False" in str(e)
+    llama = kvlens.get_arch("llama")
+    _refused(replace(llama, key="down_proj", value="up_proj"), tiny_hf("llama"),
+             ("value", "key/gate/activation"), r"check value='up_proj'")
+
+
+def test_validation_names_a_wrong_parallel_residual_flag():
+    from dataclasses import replace
+
+    from tests.conftest import tiny_hf
+
+    neox = kvlens.get_arch("gpt_neox")
+    serial = tiny_hf("gpt_neox", use_parallel_residual=False)
+    _refused(replace(neox, parallel_residual_attr=None), serial, ("parallel residual",),
+             r"says attention and MLP run in parallel.*depends on.*parallel_residual=False")
+    _refused(replace(kvlens.get_arch("gptj"), parallel_residual=False), tiny_hf("gptj"), ("parallel residual",),
+             r"run in serial.*does not depend on.*parallel_residual=True")
+
+
+def test_validation_refuses_a_family_aliased_to_llama_whose_ffn_output_is_normed():
+    """Gemma 2 has Llama's module names but a norm after the FFN: the residual identity fails."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gemma2", num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=64, head_dim=8, vocab_size=128)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    for p in hf.parameters():  # norms away from their identity start, so the post-FFN norm shows
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, std=0.5)
+    aliased = replace(kvlens.get_arch("llama"), model_type="gemma2")
+    _refused(aliased, hf, ("residual",), r"layer 0: the layer's output is not its input \+ attention.*a norm after")
+    assert _wrap_with(aliased, hf, validate=False).validation is None  # validate=False: accepted as asked
+
+
+def test_validation_is_skipped_with_a_note_without_local_weights():
+    """A model whose weights are meta tensors (remote, offloaded) cannot be checked here: a note, no error."""
+    from kvlens.models.validation import validate
+
+    m = tiny("llama")
+    m.hf.to("meta")
+    with pytest.warns(UserWarning, match="validation of the llama spec skipped.*no local weights"):
+        v = validate(m)
+    assert "no local weights" in v.skipped and not v.errors and not v.layers
+
+
+def test_validation_of_the_embedded_model(embedded):
+    v = embedded.validation
+    assert v is not None and v.layers == (0, embedded.n_layers - 1) and v.parallel_residual is False
+    assert max(v.errors.values()) <= 1e-4  # float32: the identities hold to rounding

@@ -62,11 +62,11 @@ def test_cache_round_trip_and_corruption(tmp_path):
 
 def test_cache_key_depends_on_weights_and_sample(tmp_path):
     a, b = tiny("llama"), tiny("llama", seed=1)
-    assert cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path) != cache_path(b, 0, CORPUS, 600, torch.float32, tmp_path)
-    assert cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path) != cache_path(a, 0, CORPUS, 700, torch.float32, tmp_path)
-    assert cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path) != cache_path(a, 0, CORPUS.head(3), 600, torch.float32, tmp_path)
-    assert cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path) != cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path,
-                                                                                window=64)
+    ref = cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path)
+    assert ref != cache_path(b, 0, CORPUS, 600, torch.float32, tmp_path)
+    assert ref != cache_path(a, 0, CORPUS, 700, torch.float32, tmp_path)
+    assert ref != cache_path(a, 0, CORPUS.head(3), 600, torch.float32, tmp_path)
+    assert ref != cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path, window=64)
 
 
 def test_low_sample_warning_and_bad_input(tmp_path):

@@ -14,7 +14,7 @@ the restoration is (large for the late hidden states that flip the prediction).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -59,13 +59,13 @@ def attribution_scores(model: KVModel, setup: Setup, kinds: tuple[str, ...], win
                        ) -> dict[str, torch.Tensor]:
     """Estimated ``p(target)`` per (token, layer) for each kind: ``low + estimated IE``."""
     n, T = model.n_layers, setup.n_prompt
-    sites = [Site(_SITE[k], j) for k in kinds for j in range(n)]
+    sites = [Site.parse(_SITE[k], j) for k in kinds for j in range(n)]
     grads = _gradients(model, setup, sites)
     scores = {}
     for kind in kinds:
         clean, corr = _states(setup, kind, False), _states(setup, kind, True)
         # per-layer estimate [L, T]: Σ_samples Σ_d (clean − corr) · grad
-        per_layer = torch.stack([((clean[j][:, :T] - corr[j][:, :T]) * grads[Site(_SITE[kind], j)][:, :T])
+        per_layer = torch.stack([((clean[j][:, :T] - corr[j][:, :T]) * grads[Site.parse(_SITE[kind], j)][:, :T])
                                  .sum((0, 2)) for j in range(n)]).double()
         if kind != "hidden":
             per_layer = torch.stack([per_layer[list(window_layers(j, window, n))].sum(0) for j in range(n)])

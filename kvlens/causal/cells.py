@@ -19,8 +19,8 @@ at positions ``>= t``, with cells × samples batched up to a memory budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -88,7 +88,7 @@ def _writes(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int) ->
         out[:, span.start:span.end] += noise.to(state.dtype)
         return out
 
-    parts: dict[Site, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    parts: dict[Site, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
     for c, cell in enumerate(cells):
         rows = rows_all[c * s:(c + 1) * s]
         p = plan(cell, window, model.n_layers, freeze_all=True)
@@ -99,7 +99,7 @@ def _writes(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int) ->
             states = setup.clean if clean else setup.corrupt
             src = states.module(kind)[layer]
             value = src[0, cell.token].expand(s, -1) if clean else src[:, cell.token]
-            parts.setdefault(Site(kind, layer), []).append((rows, cell.token, value))
+            parts.setdefault(Site.parse(kind, layer), []).append((rows, cell.token, value))
     writes: dict[Site, Callable] = {Site("embed"): corrupt}
     for site, items in parts.items():
         rows = torch.cat([r for r, _, _ in items])

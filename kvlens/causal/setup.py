@@ -15,8 +15,8 @@ ROME's metric). Without a target, the clean run's top-1 next token is used.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

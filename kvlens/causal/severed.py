@@ -12,8 +12,9 @@ output: those MLPs are where the fact is recalled, and what MEMIT edits.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

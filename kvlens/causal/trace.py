@@ -11,8 +11,9 @@ send it to NDIF); ``mode="approx"`` is a linear *estimate* (attribution patching
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

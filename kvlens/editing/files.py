@@ -18,17 +18,13 @@ from kvlens.editing.request import EditRequest
 from kvlens.errors import CorruptFile, KVLensError
 from kvlens.fileio import atomic_path, check_folder
 from kvlens.models.kvmodel import KVModel
+from kvlens.version import versions
 
 FORMAT = "kvlens.WeightDelta/1"
 
 
 def _versions() -> dict[str, str]:
-    import transformers
-
-    import kvlens
-
-    return {"kvlens": getattr(kvlens, "__version__", "?"), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return versions(("kvlens", "torch", "transformers"))
 
 
 #: Metadata fields every delta file has (``versions`` and ``info`` are optional on load).

@@ -17,7 +17,7 @@ dense :class:`WeightDelta`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -52,8 +52,8 @@ def train_loss(model: KVModel, rows: Rows, kl_init: torch.Tensor | None, kl_fact
     return nll, kl, kl_logp
 
 
-def fit(model: KVModel, rows: Rows, params: list[torch.Tensor], *, steps: int, lr: float, kl_factor: float,
-        early_stop: float, penalty: Callable[[], torch.Tensor] | None = None,
+def fit(model: KVModel, rows: Rows, params: Sequence[torch.Tensor], *, steps: int, lr: float, kl_factor: float,
+        early_stop: float, penalty: Callable[[], torch.Tensor | float] | None = None,
         project: Callable[[], None] | None = None) -> dict[str, Any]:
     """Adam on ``params`` for the edit loss: NLL of the new targets + the KL essence term (+ ``penalty``).
 
@@ -122,12 +122,13 @@ class FineTune(EditMethod):
 
     def _train(self, model: KVModel, rows: Rows, weights: list[torch.nn.Parameter],
                originals: list[torch.Tensor], hp: FTHparams) -> dict[str, Any]:
-        def decay() -> torch.Tensor:  # FT-W: λ‖W − W₀‖²
+        def decay() -> torch.Tensor | float:  # FT-W: λ‖W − W₀‖²
             return hp.weight_decay * sum(((w - o) ** 2).sum() for w, o in zip(weights, originals))
 
         def clamp() -> None:  # FT+L: ‖W − W₀‖∞ ≤ ε
             for w, o in zip(weights, originals):
-                w.copy_(o + (w - o).clamp(-hp.norm_constraint, hp.norm_constraint))
+                eps = float(hp.norm_constraint or 0.0)  # only used when it is set
+                w.copy_(o + (w - o).clamp(-eps, eps))
 
         return fit(model, rows, weights, steps=hp.steps, lr=hp.lr, kl_factor=hp.kl_factor,
                    early_stop=hp.early_stop, penalty=decay,

@@ -66,7 +66,8 @@ class LoRA(EditMethod):
 
         adapted = [n for n, m in model.hf.named_modules() if isinstance(m, BaseTunerLayer)]
         if adapted:
-            raise ValueError(f"the model already holds peft adapters ({adapted[:3]}{' ...' if len(adapted) > 3 else ''}); "
+            more = " ..." if len(adapted) > 3 else ""
+            raise ValueError(f"the model already holds peft adapters ({adapted[:3]}{more}); "
                              "kvlens's LoRA edit would remove them when it unloads its own: merge them first "
                              "(peft: model.merge_and_unload()) or edit a model without adapters")
 
@@ -78,7 +79,8 @@ class LoRA(EditMethod):
         templates = context_templates(model, hp.contexts)
         rows = build_rows(model, requests, templates, kl=hp.kl_factor > 0)
         names = target_modules(model, hp.role, layers)
-        config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=names,
+        config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha,  # type: ignore[arg-type]  # peft says int; scaling = alpha / r
+                            lora_dropout=hp.dropout, target_modules=names,
                             bias="none", fan_in_fan_out=model.spec.conv1d, init_lora_weights=True)
         had_config = hasattr(model.hf, "peft_config")  # peft writes into it: set it aside meanwhile
         saved_config = model.hf.__dict__.pop("peft_config", None) if had_config else None
@@ -87,7 +89,7 @@ class LoRA(EditMethod):
             with torch.random.fork_rng():  # peft draws A from the global RNG: seed it, leave it as it was
                 torch.manual_seed(hp.contexts.seed)
                 lora = LoraModel(model.hf, config, "default")
-            modules = [model.hf.get_submodule(n) for n in names]
+            modules: list[Any] = [model.hf.get_submodule(n) for n in names]  # peft's LoRA layers
             log = self._train(model, rows, modules, hp)
             parts = {(l, hp.role): lora_part(m, hp.role, m.scaling["default"]) for l, m in zip(layers, modules)}
             for (layer, role), m in zip(parts, modules):  # orientation self-check against peft's merge
@@ -101,7 +103,7 @@ class LoRA(EditMethod):
                 _restore_modules(model.hf)
             model.hf.__dict__.pop("peft_config", None)
             if had_config:
-                model.hf.peft_config = saved_config
+                model.hf.__dict__["peft_config"] = saved_config  # as it was popped
             model.hf.requires_grad_(False)
         return WeightDelta.from_model(model, parts, method=self.name, hparams=hp.to_dict(), requests=requests,
                                       info={"contexts": list(templates), "opt": log, "target_modules": names})

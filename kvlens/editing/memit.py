@@ -30,7 +30,7 @@ import torch
 from kvlens.corpus import Corpus
 from kvlens.editing._shared import Rows, build_rows, context_templates, optimise_targets, subject_states
 from kvlens.editing.base import EditMethod, check_layers, register_method, sequentially
-from kvlens.editing.delta import Part, WeightDelta
+from kvlens.editing.delta import Part, PartKey, WeightDelta
 from kvlens.editing.hparams import MEMIT_PRESETS, MEMITHparams
 from kvlens.editing.request import EditRequest
 from kvlens.memory.stats import resolve_moments
@@ -103,7 +103,7 @@ class MEMIT(EditMethod):
         """The change of V at ``layer`` for these keys and residuals (MEMIT: Eq. 14)."""
         return layer_update(C, keys, resid, hp.lam)
 
-    def _partial(self, model: KVModel, parts: dict[tuple[int, str], Part],
+    def _partial(self, model: KVModel, parts: dict[PartKey, Part],
                  requests: tuple[EditRequest, ...]) -> WeightDelta:
         """The layers updated so far, to measure keys and h^L with them in place."""
         return WeightDelta.from_model(model, dict(parts), method=self.name, hparams={}, requests=requests)
@@ -124,7 +124,7 @@ class MEMIT(EditMethod):
         z, h, log = target_vectors(model, rows, hp)
         top = Site("resid", hp.layers[-1])
         clean = rows.select(range(rows.n_requests), clean=True)
-        parts: dict[tuple[int, str], Part] = {}
+        parts: dict[PartKey, Part] = {}
         shares = []
         for i, layer in enumerate(hp.layers):
             key = Site("key", layer)

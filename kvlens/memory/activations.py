@@ -11,8 +11,9 @@ every token of a batch of prompts in one forward per chunk (no per-prompt loop).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 

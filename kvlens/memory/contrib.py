@@ -18,8 +18,9 @@ The final norm is not linear; two read-outs are offered, named:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -137,7 +138,7 @@ def _components(at: dict[Site, torch.Tensor], read: Callable[[torch.Tensor], tor
     the sublayers, such as Gemma 2); the embedding part ``x_0`` (with position embeddings, if
     any) is the remainder ``x_L - Σ_l (attn_l + ffn_l)``.
     """
-    parts = {f"{name} {l}": float(read(at[Site(kind, l)]))
+    parts = {f"{name} {l}": float(read(at[Site.parse(kind, l)]))
              for l in range(n_layers) for name, kind in (("attn", "attn"), ("ffn", "mlp"))}
     stream = sum(at[Site("attn", l)].float() + at[Site("mlp", l)].float() for l in range(n_layers))
     embed = at[Site("resid", n_layers - 1)].float() - stream

@@ -10,8 +10,9 @@ The clean and the intervened prompt run as two rows of one batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import torch
 

@@ -14,8 +14,8 @@ is the logit lens. :func:`composition` compares, at each prompt's last token,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

@@ -6,8 +6,9 @@ the ``n`` highest. The corpus is streamed as fixed token windows (:func:`kvlens.
 a prefix runs from the start of its window (after the model's BOS/prefix ids) to the token.
 
 Mining keeps, for *every* memory of each layer it reads, a running top-``n`` of
-``(coefficient, window, position)`` over windows, each at its best position: memory stays flat however long the corpus is, and one pass
-answers "what triggers this key" for all keys of that layer. Results are cached on disk under
+``(coefficient, window, position)`` over windows, each at its best position: memory stays flat
+however long the corpus is, and one pass answers "what triggers this key" for all keys of that
+layer. Results are cached on disk under
 ``kvlens.cache_dir()/triggers``, keyed by the model fingerprint, the prefix ids, the corpus id
 and the mining parameters; the texts are rebuilt by re-tokenizing the windows that are needed.
 The cache files are safetensors (never pickles) with a SHA-256 of their tensors, checked with
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -80,7 +82,7 @@ class _TopN:
     position: torch.Tensor  # [n, d_ff] long
 
     @classmethod
-    def empty(cls, n: int, d_ff: int) -> "_TopN":
+    def empty(cls, n: int, d_ff: int) -> _TopN:
         return cls(torch.full((n, d_ff), -torch.inf), torch.full((n, d_ff), -1), torch.full((n, d_ff), -1))
 
     def update(self, coef: torch.Tensor, valid: torch.Tensor, first_window: int) -> None:
@@ -212,7 +214,7 @@ def trigger_examples(model: KVModel, memories: MemoryId | Sequence[MemoryId], co
     check_k(n, "n")
     check_k(window, "window")
     single = isinstance(memories, tuple) and len(memories) == 2 and isinstance(memories[0], int)
-    pairs = [memories] if single else list(memories)
+    pairs: list[Any] = [memories] if single else list(memories)  # (layer, index) pairs, checked below
     if not pairs:
         raise ValueError("memories is empty: pass (layer, index) pairs")
     pairs = [(model.check_layer(l), check_memory(model, l, i)) for l, i in pairs]

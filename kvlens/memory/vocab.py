@@ -15,8 +15,9 @@ is meaningful, since the coefficient ``m_i`` scales the vector. Two readings, na
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 

@@ -13,8 +13,9 @@ is the input of the value projection. Positions of states are named by :class:`S
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
 from nnsight.modeling.transformers import TransformersModel
@@ -23,19 +24,47 @@ from torch import nn
 from kvlens.models.registry import get_arch
 from kvlens.models.spec import ArchSpec
 
-SiteKind = Literal["embed", "attn", "key", "mlp", "resid", "logits"]
+if TYPE_CHECKING:
+    from kvlens.models.validation import Validation
+
+SiteKind = Literal["embed", "resid_pre", "attn", "mlp_in", "key", "mlp", "resid", "logits"]
 Role = Literal["key", "gate", "value"]
-_KIND_ORDER: dict[str, int] = {"embed": 0, "attn": 1, "key": 2, "mlp": 3, "resid": 4, "logits": 5}
+_KIND_ORDER: dict[str, int] = {"embed": 0, "resid_pre": 1, "attn": 2, "mlp_in": 3, "key": 4, "mlp": 5,
+                               "resid": 6, "logits": 7}
+
+
+class Projection(Protocol):
+    """An FFN projection as kvlens reads it: ``nn.Linear``, GPT-2's ``Conv1D`` or a bitsandbytes layer.
+
+    ``nn.Module.__getattr__`` is typed ``Tensor | Module``; :meth:`KVModel.projection` checks
+    the module and returns it under this type, so ``.weight`` and ``.bias`` are tensors.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __call__(self, x: torch.Tensor, /) -> torch.Tensor: ...
+
+
+def weight_of(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module.<name>`` as a tensor; a clear error if the module has no such tensor."""
+    value = getattr(module, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no tensor {name!r} (found {type(value).__name__}): "
+                        "the architecture spec names the wrong module")
+    return value
 
 
 @dataclass(frozen=True)
 class Site:
     """A named state of the forward pass.
 
-    ``embed``: token embeddings (layer is ignored); ``attn``: attention output of ``layer``;
-    ``key``: key activation of ``layer`` (input of the value projection, ``[.., d_ff]``);
-    ``mlp``: FFN output of ``layer``; ``resid``: residual stream after ``layer``;
-    ``logits``: unembedding output (layer is ignored).
+    ``embed``: token embeddings (layer is ignored); ``resid_pre``: residual stream entering
+    ``layer`` (its input; for layer 0 the embeddings as the model scales and positions them);
+    ``attn``: attention output of ``layer``; ``mlp_in``: the FFN's input (the normalized
+    residual); ``key``: key activation of ``layer`` (input of the value projection,
+    ``[.., d_ff]``); ``mlp``: FFN output of ``layer``; ``resid``: residual stream after
+    ``layer``; ``logits``: unembedding output (layer is ignored).
     """
 
     kind: SiteKind
@@ -44,6 +73,13 @@ class Site:
     def __post_init__(self) -> None:
         if self.kind not in _KIND_ORDER:
             raise ValueError(f"unknown site kind {self.kind!r}; choose one of {list(_KIND_ORDER)}")
+
+    @classmethod
+    def parse(cls, kind: str, layer: int = 0) -> Site:
+        """The site of a kind given as a plain string (checked like any other)."""
+        if kind not in _KIND_ORDER:
+            raise ValueError(f"unknown site kind {kind!r}; choose one of {list(_KIND_ORDER)}")
+        return cls(cast(SiteKind, kind), layer)
 
     def order(self, n_layers: int) -> tuple[int, int]:
         """Sort key in execution order (nnsight requires reads in that order)."""
@@ -126,13 +162,19 @@ class KVModel:
         self.spec = spec
         self.name = name or getattr(hf_model.config, "name_or_path", "") or spec.model_type
         self.prefix = prefix
+        #: what load-time validation checked (:mod:`kvlens.models.validation`); None: not run
+        self.validation: Validation | None = None
         try:
-            self._layers: nn.ModuleList = hf_model.get_submodule(spec.layers)
+            layers = hf_model.get_submodule(spec.layers)
         except AttributeError:
             raise ValueError(
                 f"the {spec.model_type} spec names layers {spec.layers!r}, which {type(hf_model).__name__} "
                 "does not have; fix the spec with register_arch(..., overwrite=True)"
             ) from None
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"the {spec.model_type} spec names layers {spec.layers!r}, which is a "
+                             f"{type(layers).__name__}, not the ModuleList of decoder layers")
+        self._layers = layers
         self._check_roles()  # before anything of the caller's is changed
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -151,7 +193,7 @@ class KVModel:
 
     @property
     def d_model(self) -> int:
-        return int(self.hf.get_submodule(self.spec.embedding).weight.shape[1])
+        return int(weight_of(self.embedding).shape[1])
 
     @property
     def d_ff(self) -> int:
@@ -159,15 +201,15 @@ class KVModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.hf.get_submodule(self.spec.embedding).weight.shape[0])
+        return int(weight_of(self.embedding).shape[0])
 
     @property
     def device(self) -> torch.device:
-        return self.hf.get_submodule(self.spec.embedding).weight.device
+        return weight_of(self.embedding).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.hf.get_submodule(self.spec.embedding).weight.dtype
+        return weight_of(self.embedding).dtype
 
     @property
     def parallel_residual(self) -> bool:
@@ -194,12 +236,14 @@ class KVModel:
     def attn(self, layer: int) -> nn.Module:
         return self.layer(layer).get_submodule(self.spec.attn)
 
-    def projection(self, layer: int, role: Role) -> nn.Module:
+    def projection(self, layer: int, role: Role) -> Projection:
         """The FFN projection module playing ``role`` (key / gate / value) at ``layer``."""
         path = {"key": self.spec.key, "gate": self.spec.gate, "value": self.spec.value}[role]
         if path is None:
             raise ValueError(f"{self.spec.model_type} has no gate projection (its FFN is not gated)")
-        return self.mlp(layer).get_submodule(path)
+        module = self.mlp(layer).get_submodule(path)
+        weight_of(module)  # a projection holds a weight tensor
+        return cast(Projection, module)
 
     def activation(self, layer: int) -> nn.Module:
         return self.mlp(layer).get_submodule(self.spec.activation)
@@ -213,8 +257,11 @@ class KVModel:
         return self.hf.get_submodule(self.spec.final_norm)
 
     @property
-    def unembedding(self) -> nn.Module:
-        return self.hf.get_submodule(self.spec.unembedding)
+    def unembedding(self) -> Projection:
+        """The LM head: ``weight`` is ``[vocab, d_model]``."""
+        module = self.hf.get_submodule(self.spec.unembedding)
+        weight_of(module)
+        return cast(Projection, module)
 
     # ---- canonical [d_ff, d_model] views -----------------------------------------------
     def weight(self, layer: int, role: Role) -> torch.Tensor:
@@ -228,6 +275,8 @@ class KVModel:
         w = module.weight
         if getattr(w, "quant_state", None) is None and getattr(w, "SCB", None) is None:
             return w
+        if not isinstance(module, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are Linear
+            raise TypeError(f"quantized {type(module).__name__} {role} projection: only Linear layers are supported")
         eye = torch.eye(module.in_features, device=self.device, dtype=torch.float32)
         with torch.no_grad():
             rows = module(eye).float()  # [in, out] = I Wᵀ + b
@@ -277,13 +326,13 @@ class KVModel:
         if site.kind == "logits":
             return _walk(root, self.spec.unembedding), "output"
         layer = _walk(root, self.spec.layers)[self.check_layer(site.layer)]
-        if site.kind == "resid":
-            return layer, "output"
+        if site.kind in ("resid_pre", "resid"):
+            return layer, "input" if site.kind == "resid_pre" else "output"
         if site.kind == "attn":
             return _walk(layer, self.spec.attn), "output"
         mlp = _walk(layer, self.spec.mlp)
-        if site.kind == "mlp":
-            return mlp, "output"
+        if site.kind in ("mlp_in", "mlp"):
+            return mlp, "input" if site.kind == "mlp_in" else "output"
         return _walk(mlp, self.spec.value), "input"
 
     # ---- tokens ------------------------------------------------------------------------
@@ -300,7 +349,7 @@ class KVModel:
         enc = [self.tokenizer(self.prefix + p, add_special_tokens=True)["input_ids"] for p in prompts]
         return Batch.from_ids(enc, self.tokenizer.pad_token_id, self.device, prompts)
 
-    def token_strings(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+    def token_strings(self, ids: Sequence[int | torch.Tensor] | torch.Tensor) -> list[str]:
         """Each id decoded on its own (for labels)."""
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
@@ -358,14 +407,16 @@ class KVModel:
         for role in self.roles():
             try:
                 self.projection(0, role)
-            except AttributeError:
+            except (AttributeError, TypeError) as exc:
+                what = "does not have" if isinstance(exc, AttributeError) else "has, but it holds no weight"
                 raise ValueError(
                     f"the {self.spec.model_type} spec names FFN {role} projection "
-                    f"{getattr(self.spec, role)!r}, which layer 0's MLP does not have"
+                    f"{getattr(self.spec, role)!r}, which layer 0's MLP {what}"
                 ) from None
 
 
-def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "") -> KVModel:
+def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "",
+         validate: bool = True) -> KVModel:
     """Wrap a model you already have: its ``config.model_type`` picks the spec.
 
     Args:
@@ -374,6 +425,11 @@ def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "
         name: a display name (defaults to ``config.name_or_path``).
         prefix: text put before every prompt (e.g. a BOS token string for models whose
             tokenizer adds none).
+        validate: check the spec on the model's own forward, first and last layers
+            (:func:`kvlens.models.validation.validate`: one forward of a few tokens and one
+            with layer 0's attention perturbed); a mismatch raises
+            :class:`~kvlens.models.validation.SpecMismatchError` naming the role, and leaves
+            ``hf_model`` and ``tokenizer`` as they were.
     """
     config = getattr(hf_model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -381,4 +437,17 @@ def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "
         raise TypeError(
             f"wrap() needs a Hugging Face model with a config.model_type; got {type(hf_model).__name__}"
         )
-    return KVModel(hf_model, tokenizer, get_arch(model_type), name=name, prefix=prefix)
+    spec = get_arch(model_type)
+    if not validate:
+        return KVModel(hf_model, tokenizer, spec, name=name, prefix=prefix)
+    from kvlens.models.validation import caller_state
+    from kvlens.models.validation import validate as check
+
+    restore = caller_state(hf_model, tokenizer)
+    model = KVModel(hf_model, tokenizer, spec, name=name, prefix=prefix)
+    try:
+        model.validation = check(model)
+    except BaseException:
+        restore()
+        raise
+    return model

@@ -265,7 +265,7 @@ def optimisation_rows(delta: WeightDelta) -> list[dict[str, Any]]:
     rows = []
     for i, req in enumerate(delta.requests):
         row: dict[str, Any] = {"request": f"{req.text} -> {req.target_new}"}
-        if per_request and isinstance(loss, list) and i < len(loss):
+        if per_request and isinstance(steps, list) and isinstance(loss, list) and i < len(loss):
             row.update(final_loss=loss[i], steps=steps[i])
         elif isinstance(loss, list) and loss:
             row.update(final_loss=loss[-1], steps=steps)

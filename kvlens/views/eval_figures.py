@@ -12,7 +12,8 @@ Every axis or legend names the metric's convention (counterfact / zsre / easyedi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 
@@ -54,7 +55,7 @@ def explain(names: Sequence[str]) -> str:
 _PER_CASE_KEY = {name: key for name, key, _ in AGGREGATES}
 
 
-def _bar(name: str, estimates: Sequence[Estimate | None], metrics: Sequence[str], **kw) -> go.Bar:
+def _bar(name: str, estimates: Sequence[Estimate | None], metrics: Sequence[str], **kw: Any) -> go.Bar:
     ys = [None if e is None else e.mean for e in estimates]
     plus = [0 if e is None else e.high - e.mean for e in estimates]
     minus = [0 if e is None else e.mean - e.low for e in estimates]
@@ -65,7 +66,7 @@ def _bar(name: str, estimates: Sequence[Estimate | None], metrics: Sequence[str]
 
 
 def _conventions(reports: Sequence[EditReport], metrics: Sequence[str]) -> str:
-    seen = {}
+    seen: dict[str, str] = {}
     for r in reports:
         for state in r.aggregate.values():
             for m in metrics:
@@ -152,7 +153,8 @@ def case_shift(report: EditReport, metric: str = "EM") -> go.Figure:
     if any(v is None for v in before + after):
         raise ValueError(f"metric {metric!r} is not in every case; available: {sorted(report.per_case['after'][0])}")
     labels = [f"{c.subject} -> {c.target_new.strip()}" for c in report.cases]
-    lo, hi = min(before + after), max(before + after)
+    values = [v for v in before + after if v is not None]  # all of them (checked above)
+    lo, hi = min(values), max(values)
     fig = go.Figure([go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"),
                                 name="unchanged"),
                      go.Scatter(x=before, y=after, mode="markers", text=labels, name="case",
@@ -162,7 +164,7 @@ def case_shift(report: EditReport, metric: str = "EM") -> go.Figure:
     return fig
 
 
-def comparison_figure(comparison: "Comparison", columns: Sequence[str] = ("Score", "Efficacy", "Generalization",
+def comparison_figure(comparison: Comparison, columns: Sequence[str] = ("Score", "Efficacy", "Generalization",
                                                                           "Specificity")) -> go.Figure:
     """The keys-vs-values bar chart of a :class:`~kvlens.experiments.Comparison` (Qiu et al.'s columns).
 
@@ -181,7 +183,7 @@ def comparison_figure(comparison: "Comparison", columns: Sequence[str] = ("Score
     return fig
 
 
-def scaling_figure(result: "Scaling", metric: str = "ES") -> go.Figure:
+def scaling_figure(result: Scaling, metric: str = "ES") -> go.Figure:
     """The scaling curve of a :class:`~kvlens.experiments.Scaling` result, baseline dotted."""
     fig = scaling_curve(result.points, metric, baseline=result.baseline)
     fig.update_layout(title=f"{metric} against the number of {result.mode} edits")

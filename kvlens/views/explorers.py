@@ -127,7 +127,8 @@ def cell_detail(tr: CausalTrace, token: int, layer: int) -> go.Figure:
     """One trace cell in context: every kind's effect along the layers at ``token`` (left) and
     along the tokens at ``layer`` (right)."""
     if not (0 <= token < len(tr.tokens) and 0 <= layer < tr.n_layers):
-        raise IndexError(f"cell ({token}, {layer}) is outside the trace ({len(tr.tokens)} tokens x {tr.n_layers} layers)")
+        raise IndexError(f"cell ({token}, {layer}) is outside the trace "
+                         f"({len(tr.tokens)} tokens x {tr.n_layers} layers)")
     fig = make_subplots(rows=1, cols=2, subplot_titles=[f"at token {token}: {tr.tokens[token]!r}", f"at layer {layer}"])
     for kind in tr.kinds:
         effect = tr.effect(kind)
@@ -232,8 +233,8 @@ class TraceExplorer(App):
                 raise ValueError("no trace yet: press Trace")
             tr = self.result
             show_figure(self.detail_fig, cell_detail(tr, token, layer))
-            cells = ", ".join(f"{k}: p={float(tr.scores[k][token, layer]):.3f} (IE {float(tr.effect(k)[token, layer]):+.3f})"
-                              for k in tr.kinds)
+            cells = ", ".join(f"{k}: p={float(tr.scores[k][token, layer]):.3f} "
+                              f"(IE {float(tr.effect(k)[token, layer]):+.3f})" for k in tr.kinds)
             self.detail.value = (f"<b>token {token} {html.escape(repr(tr.tokens[token]))}, layer {layer}</b>: "
                                  f"{html.escape(cells)}")
         self.guard(show, f"cell ({token}, {layer})", at=self.cell_notice, clear=clear)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import platform
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.offline
 
-#: Packages whose versions every report records.
-VERSIONED = ("kvlens", "torch", "transformers", "nnsight", "plotly", "numpy")
+from kvlens.version import versions
 
 
 @dataclass
@@ -36,7 +34,7 @@ class Section:
 
     title: str
     text: str = ""
-    table: list[Mapping[str, Any]] | None = None
+    table: Sequence[Mapping[str, Any]] | None = None
     figure: go.Figure | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     figures: list[go.Figure] = field(default_factory=list)
@@ -46,23 +44,10 @@ class Section:
         return ([self.figure] if self.figure is not None else []) + list(self.figures)
 
 
-def versions() -> dict[str, str]:
-    """Python and package versions (recorded in every report)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 _versions = versions  # backwards-compatible private name
 
 
-def table_html(rows: list[Mapping[str, Any]]) -> str:
+def table_html(rows: Sequence[Mapping[str, Any]]) -> str:
     """An HTML table of ``rows`` (columns: the union of their keys), every cell escaped."""
     if not rows:
         return "<p><em>(empty table)</em></p>"

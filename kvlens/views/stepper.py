@@ -417,7 +417,8 @@ class EditStepper(App):
         def run() -> None:
             step = self.steps[-1]
             target = step.case.target_true or step.case.target_new
-            args = dict(prompt=step.case.prompt, subject=step.case.subject, target=target, mode=mode, progress=False)
+            args: dict[str, Any] = dict(prompt=step.case.prompt, subject=step.case.subject, target=target,
+                                        mode=mode, progress=False)
             after = trace(self.model, **args)
             self.history.undo()
             try:
