@@ -23,9 +23,10 @@ import os
 import re
 import socket
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from kvlens.bundled_data import data_dir
 from kvlens.errors import BadInput, CorruptFile

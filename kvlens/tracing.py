@@ -15,8 +15,9 @@ Only this module and :mod:`kvlens.models` import nnsight.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import nnsight
 import torch

@@ -19,8 +19,21 @@ from conftest import tiny
 
 import kvlens
 from kvlens import errors
-from kvlens.editing import (MEMIT, ROME, AlphaEdit, AlphaEditHparams, Contexts, EditHistory, EditRequest,
-                            FineTune, MEMITHparams, Part, ROMEHparams, TargetOpt, WeightDelta)
+from kvlens.editing import (
+    MEMIT,
+    ROME,
+    AlphaEdit,
+    AlphaEditHparams,
+    Contexts,
+    EditHistory,
+    EditRequest,
+    FineTune,
+    MEMITHparams,
+    Part,
+    ROMEHparams,
+    TargetOpt,
+    WeightDelta,
+)
 
 REQ = EditRequest("{} lives in", "Alice", "Paris")
 CTX = Contexts(n=1, tokens=2)
