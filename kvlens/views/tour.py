@@ -35,8 +35,9 @@ from kvlens.views.report import Report, Section
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEFAULT_CASE = 167  # The Eiffel Tower: Paris -> London, 3 paraphrases, 6 neighbours
-#: Facts edited and evaluated by default: enough for the 95 % intervals to be informative, and a
-#: tour of a few minutes on a 2-core CPU (see the README's measured table).
+#: Facts edited and evaluated by default: enough for the 95 % intervals over facts to be informative
+#: (with 1 fact an interval is a single point). The default run time on a quiet 2-core CPU is not
+#: measured yet; ``--cases 3 --trace approx`` took 268 CPU-seconds on a heavily loaded machine.
 DEFAULT_CASES = 10
 #: Noise draws per cell of the tour's exact trace.
 DEFAULT_SAMPLES = 3
