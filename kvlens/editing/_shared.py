@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,25 +131,41 @@ def build_rows(model: KVModel, requests: Sequence[EditRequest], templates: Seque
                 torch.tensor([x[3] for x in tgt]), len(requests))
 
 
-def subject_states(model: KVModel, rows: Rows, sites: Sequence[Site], *, chunk: int = 32) -> dict[Site, torch.Tensor]:
+def subject_states(model: KVModel, rows: Rows, sites: Sequence[Site], *, chunk: int = 32,
+                   grouped: bool = False, write: Mapping[Site, tracing.Write] | None = None,
+                   ) -> dict[Site, torch.Tensor]:
     """States at each row's subject-last token, averaged per request over its non-KL rows: ``[N, ...]``.
 
-    Runs ``chunk`` requests per forward (memory stays bounded for thousands of requests).
+    ``grouped``: average the clean prompt and the prefixes as two groups, then the groups (the
+    released MEMIT ``compute_ks``; :class:`~kvlens.editing.hparams.MEMITHparams` ``key_average``).
+    ``write``: trace writes for the forward (one chunk only: the caller sizes it). Runs ``chunk``
+    requests per forward (memory stays bounded for thousands of requests).
     """
-    if rows.n_requests > chunk:
-        parts = [subject_states(model, rows.select(range(lo, min(lo + chunk, rows.n_requests))), sites)
-                 for lo in range(0, rows.n_requests, chunk)]
+    if rows.n_requests > chunk and write is None:
+        parts = [subject_states(model, rows.select(range(lo, min(lo + chunk, rows.n_requests))), sites,
+                                grouped=grouped) for lo in range(0, rows.n_requests, chunk)]
         return {s: torch.cat([p[s] for p in parts]) for s in sites}
     keep = (rows.context >= 0).nonzero().flatten()
     top = max(s.layer for s in sites)
-    states = tracing.run(model, rows.batch, read=sites, stop=top < model.n_layers - 1)
+    states = tracing.run(model, rows.batch, read=sites, write=write, stop=top < model.n_layers - 1)
     counts = torch.bincount(rows.request[keep], minlength=rows.n_requests).float()
+    weight = _group_weights(rows.request[keep], rows.context[keep], rows.n_requests) if grouped else None
     out = {}
     for site, s in states.items():
         picked = s[keep.to(s.device), rows.subject[keep].to(s.device)].float().cpu()
+        shape = (-1, *([1] * (picked.dim() - 1)))
+        if weight is not None:  # Σ w·k with the weights of each request summing to 1
+            picked = picked * weight.view(shape)
         total = torch.zeros(rows.n_requests, *picked.shape[1:]).index_add_(0, rows.request[keep], picked)
-        out[site] = total / counts.view(-1, *([1] * (picked.dim() - 1)))
+        out[site] = total if weight is not None else total / counts.view(shape)
     return out
+
+
+def _group_weights(request: torch.Tensor, context: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's weight in its request's grouped mean: ½ the clean prompt, ½ shared by the prefixes."""
+    prefixes = torch.bincount(request[context > 0], minlength=n).float()
+    clean = torch.where(prefixes > 0, 0.5, 1.0)  # no prefixes: the clean group is the only one
+    return torch.where(context == 0, clean[request], 0.5 / prefixes.clamp_min(1)[request])
 
 
 def decode_at(model: KVModel, final: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -239,7 +255,7 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
     kl_init: torch.Tensor | None = None
     prefix = tracing.prefix_run(model, rows.batch, layer, rows.subject) if skip_fixed else None
     sub, sub_prefix, sub_idx = rows, prefix, torch.arange(n)
-    for _ in range(opt.steps):
+    for it in range(opt.steps):
         leaf = delta[sub_idx.to(dev)].clone().requires_grad_(True)
         tgt_logp, kl_logp = forward_logprobs(model, sub, leaf[sub.request.to(dev)], layer=layer, prefix=sub_prefix)
         if kl_init is None:
@@ -253,8 +269,8 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
             for i, v in zip(sub_idx.tolist(), value.detach().cpu().tolist()):
                 curves[name][i].append(v)
         done = loss.detach().cpu() < opt.early_stop
-        if bool(done.all()):
-            break
+        if bool(done.all()) or (not opt.final_update and it == opt.steps - 1):
+            break  # the released code's loop stops here before its last update (TargetOpt.final_update)
         (grad,) = torch.autograd.grad(loss[~done.to(loss.device)].sum(), leaf)
         full_grad = torch.zeros_like(delta)
         full_grad[sub_idx.to(dev)] = grad
@@ -268,6 +284,13 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
             sub_prefix = prefix.select(rows.rows_of(sub_idx)) if prefix is not None else None
     return delta.detach(), {"loss": loss_last.tolist(), "steps": steps.tolist(),
                             "max_norm": (ref * opt.clamp).cpu().tolist(), "curves": curves}
+
+
+def request_log(log: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """Request ``i``'s part of an :func:`optimise_targets` log, shaped as the log of it alone."""
+    out: dict[str, Any] = {k: [v[i]] if isinstance(v, list) else v for k, v in log.items() if k != "curves"}
+    out["curves"] = {k: [v[i]] for k, v in log["curves"].items()}
+    return out
 
 
 def _kl_index(rows: Rows, requests: torch.Tensor) -> torch.Tensor:
