@@ -13,8 +13,9 @@ Independent edits do not interact, so many are computed and scored in the same f
 
 * compute: ROME, MEMIT and AlphaEdit optimise every request's δ together with per-row Adam
   (:func:`kvlens.editing._shared.optimise_targets`) and solve each request's own update
-  (``compute_each``). FT and LoRA have no per-row training here: they are computed one by one,
-  with a warning.
+  (``compute_each``); value fine-tuning trains a per-row ΔV_r for each request
+  (:func:`kvlens.editing.per_row.finetune_values_each`). Key/gate fine-tuning and LoRA have no
+  per-row training here: they are computed one by one, with a warning.
 * evaluate: every delta made only of value parts (ROME, MEMIT, AlphaEdit, FT values, LoRA
   values) runs per row through the seam (:mod:`kvlens.editing.per_row`); key and gate deltas are
   applied to the weights one case at a time, with a warning.
@@ -29,16 +30,18 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kvlens.datasets import EvalCase, as_cases
+from kvlens.editing._shared import context_templates
 from kvlens.editing.base import EditMethod
 from kvlens.editing.delta import WeightDelta
-from kvlens.editing.per_row import stack_changes
+from kvlens.editing.finetune import FineTune
+from kvlens.editing.per_row import finetune_values_each, stack_changes
 from kvlens.editing.request import EditRequest, check_requests
 from kvlens.evaluate import EditReport, TargetScore, _tests_for, aggregate, case_metrics, score_state
 from kvlens.models.kvmodel import KVModel
@@ -90,8 +93,10 @@ def request_bytes(model: KVModel, hp: Any, width: int) -> int:
         top = hp.layer if hasattr(hp, "layer") else max(hp.layers)
         rows = hp.contexts.n + 2
         per += rows * width * (model.n_layers - top) * (12 * model.d_model + 4 * model.d_ff) * _FLOAT
-    if hasattr(hp, "role") and not hasattr(hp, "rank"):
-        per += len(hp.layers) * model.d_ff * model.d_model * _FLOAT
+    if hasattr(hp, "role") and not hasattr(hp, "rank"):  # FT: per-row ΔV, its grad and Adam's two moments
+        rows = hp.contexts.n + 2
+        per += 4 * len(hp.layers) * model.d_ff * model.d_model * _FLOAT
+        per += rows * width * model.n_layers * (12 * model.d_model + 4 * model.d_ff) * _FLOAT
     return max(per, model.d_model * width * _FLOAT)
 
 
@@ -153,10 +158,11 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
     method.check(model, hp)
     before = _before(model, cases, tests, baseline, eval_batch_size)
     size = choose_batch_size(model, hp, cases, batch_size, memory_budget) if batched else 1
-    fallback = [] if batched and hasattr(method, "compute_each") else ["compute"]
+    each = _compute_each(method, hp)
+    fallback = [] if batched and each is not None else ["compute"]
     if batched and fallback:
-        warnings.warn(f"{type(method).__name__} cannot be batched per row (no per-row training): its edits are "
-                      "computed one by one", stacklevel=2)
+        warnings.warn(f"{type(method).__name__} ({getattr(hp, 'role', '')}) cannot be batched per row (no per-row "
+                      "training for key/gate roles or LoRA): its edits are computed one by one", stacklevel=2)
     after: list[dict[str, list[TargetScore]]] = []
     infos: list[dict[str, Any]] = []
     seconds = {"compute": 0.0, "evaluate": 0.0}
@@ -167,7 +173,7 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
         if fallback:
             deltas = [copy.deepcopy(method).compute(model, [r], report=False, **compute_kwargs) for r in chunk_reqs]
         else:
-            deltas = copy.deepcopy(method).compute_each(model, chunk_reqs, batch_size=size, **compute_kwargs)
+            deltas = each(model, chunk_reqs, batch_size=size, **compute_kwargs)
         seconds["compute"] += time.perf_counter() - start
         start = time.perf_counter()
         per_row = batched and all(role == "value" for d in deltas for (_, role) in d.parts)
@@ -194,6 +200,27 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
                              aggregate={s: aggregate(r) for s, r in per_case.items()},
                              seconds=time.perf_counter() - t0, raw={"before": before, "after": after},
                              protocol=protocol)
+
+
+def _compute_each(method: EditMethod, hp: Any) -> Callable[..., list[WeightDelta]] | None:
+    """The method's batched independent compute, if it has one (else None: one by one)."""
+    if hasattr(method, "compute_each"):
+        return copy.deepcopy(method).compute_each
+    if isinstance(method, FineTune) and hp.role == "value":
+        def ft_each(model: KVModel, requests: Sequence[EditRequest], *, batch_size: int,
+                    **_: Any) -> list[WeightDelta]:
+            templates = context_templates(model, hp.contexts)
+            out: list[WeightDelta] = []
+            for lo in range(0, len(requests), batch_size):
+                start = time.perf_counter()
+                chunk = finetune_values_each(model, hp, requests[lo: lo + batch_size], templates, method=method.name)
+                for d in chunk:
+                    d.info["seconds"] = (time.perf_counter() - start) / len(chunk)
+                    d.info["batched"] = len(chunk)
+                out.extend(chunk)
+            return out
+        return ft_each
+    return None
 
 
 def _before(model: KVModel, cases: Sequence[EvalCase], tests: Sequence[str], baseline: EditReport | None,

@@ -190,13 +190,17 @@ def request_losses(rows: Rows, tgt_logp: torch.Tensor, kl_logp: torch.Tensor | N
 
 
 def forward_logprobs(model: KVModel, rows: Rows, delta: torch.Tensor | None, *, layer: int,
-                     prefix: tracing.Prefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     prefix: tracing.Prefix | None = None, extra: Mapping[Site, tracing.Write] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target-token and KL-row log-probabilities with ``delta[r]`` added after ``layer`` at row r's subject.
 
     With ``prefix`` (:func:`tracing.prefix_run` of ``rows`` from their subject tokens) only layers
-    above ``layer`` at positions from the subject on are computed; otherwise the whole model runs.
-    Only the positions the losses need are decoded.
+    above ``layer`` at positions from the subject on are computed; otherwise the whole model runs,
+    with the ``extra`` trace writes too (e.g. per-row weight changes). Only the positions the
+    losses need are decoded.
     """
+    if extra and prefix is not None:
+        raise ValueError("extra writes need the whole forward: pass prefix=None with them")
     final = Site("resid", model.n_layers - 1)
     n_rows = torch.arange(len(rows.request))
     kl_rows = rows.kl_rows
@@ -206,7 +210,8 @@ def forward_logprobs(model: KVModel, rows: Rows, delta: torch.Tensor | None, *, 
         states = tracing.run_skipping(model, prefix, top=write, read=[final], grad=True, stop=True)
     else:
         write = tracing.add_at(n_rows, rows.subject, delta) if delta is not None else (lambda s: s)
-        states = tracing.run(model, rows.batch, write={Site("resid", layer): write}, read=[final], grad=True)
+        writes = {**(extra or {}), Site("resid", layer): write}
+        states = tracing.run(model, rows.batch, write=writes, read=[final], grad=True)
         shift = torch.zeros_like(rows.subject)
     cols = torch.cat([rows.tgt_col - shift[rows.tgt_row], rows.subject[kl_rows] - shift[kl_rows]])
     logp = decode_at(model, states[final], torch.cat([rows.tgt_row, kl_rows]), cols)

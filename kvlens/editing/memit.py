@@ -28,7 +28,14 @@ from typing import Any
 import torch
 
 from kvlens.corpus import Corpus
-from kvlens.editing._shared import Rows, build_rows, context_templates, optimise_targets, request_log, subject_states
+from kvlens.editing._shared import (
+    Rows,
+    build_rows,
+    context_templates,
+    optimise_targets,
+    request_log,
+    subject_states,
+)
 from kvlens.editing.base import EditMethod, check_layers, register_method, sequentially
 from kvlens.editing.delta import Part, WeightDelta
 from kvlens.editing.hparams import MEMIT_PRESETS, MEMITHparams, ReferenceOption

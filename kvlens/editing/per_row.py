@@ -16,8 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlens.editing.delta import Part, PartKey
-from kvlens.models.kvmodel import Site
+from kvlens.editing._shared import _Adam, build_rows, forward_logprobs, request_losses
+from kvlens.editing.delta import Part, PartKey, WeightDelta
+from kvlens.editing.hparams import FTHparams
+from kvlens.editing.request import EditRequest
+from kvlens.models.kvmodel import KVModel, Site
 from kvlens.tracing import Write
 
 
@@ -33,6 +36,10 @@ class RowChanges:
         owners = torch.as_tensor(owners, dtype=torch.long)
         if len(owners) and (int(owners.min()) < 0 or int(owners.max()) >= self.n):
             raise ValueError(f"row owners must lie in 0..{self.n - 1}, got {owners.tolist()}")
+        each = len(owners) // self.n if self.n else 0
+        # rows grouped by owner, equally many each (training batches): no per-row copy of the factors
+        grouped = each > 0 and len(owners) == each * self.n and bool(
+            (owners == torch.arange(self.n).repeat_interleave(each)).all())
         out: dict[Site, Write] = {}
         for layer, (left, right) in self.factors.items():
             stash: dict[str, torch.Tensor] = {}
@@ -43,10 +50,15 @@ class RowChanges:
 
             def add(state: torch.Tensor, stash: dict[str, torch.Tensor] = stash, left: torch.Tensor = left,
                     right: torch.Tensor | None = right) -> torch.Tensor:
-                idx = owners.to(left.device)
-                change = torch.bmm(stash["k"].float().to(left.device), left[idx])
-                if right is not None:
-                    change = torch.bmm(change, right[idx])
+                k = stash["k"].to(left.device, left.dtype)
+                if grouped:  # [n·c, T, d_ff] -> [n, c·T, d_ff]
+                    change = torch.bmm(k.reshape(self.n, -1, k.shape[-1]), left)
+                    change = (torch.bmm(change, right) if right is not None else change).reshape(*k.shape[:-1], -1)
+                else:
+                    idx = owners.to(left.device)
+                    change = torch.bmm(k, left[idx])
+                    if right is not None:
+                        change = torch.bmm(change, right[idx])
                 return state + change.to(state.device, state.dtype)
 
             out[Site("key", layer)] = keep
@@ -79,3 +91,57 @@ def stack_changes(parts: Sequence[Mapping[PartKey, Part]], device: torch.device 
                 right[o, : q.rank] = q.right.float()
         factors[layer] = (left.to(device), right.to(device))
     return RowChanges(factors, len(parts))
+
+
+def finetune_values_each(model: KVModel, hp: FTHparams, requests: Sequence[EditRequest], templates: Sequence[str],
+                         *, method: str = "ft") -> list[WeightDelta]:
+    """Value fine-tuning of each request alone, all trained in the same forwards (per-row ΔV_r).
+
+    The same loss, Adam, early stop (per request), FT-W decay and FT+L clamp as
+    :class:`~kvlens.editing.finetune.FineTune` on one request, with each request's ΔV_r a leaf of
+    its own rows' FFN output (``k ΔV_r``) instead of a change of the shared weight. Adam is
+    elementwise and the loss a sum over requests, so each ΔV_r follows its own run; a request that
+    reached ``early_stop`` stops updating (:class:`~kvlens.editing._shared._Adam` on active rows).
+    """
+    if hp.role != "value":
+        raise ValueError(f"per-row fine-tuning runs on value parts only (role {hp.role!r} changes the FFN "
+                         "inside its nonlinearity): compute those edits one by one")
+    layers = tuple(model.check_layer(l) for l in hp.layers)
+    rows = build_rows(model, requests, templates, kl=hp.kl_factor > 0)
+    n, dev = len(requests), model.device
+    leaves = {l: torch.zeros(n, model.d_ff, model.d_model, device=dev) for l in layers}
+    adams = {l: _Adam(hp.lr, torch.zeros_like(leaves[l]), torch.zeros_like(leaves[l])) for l in layers}
+    active = torch.ones(n, dtype=torch.bool)
+    kl_init: torch.Tensor | None = None
+    losses: list[list[float]] = [[] for _ in range(n)]
+    final_nll = [0.0] * n
+    for _ in range(hp.steps):
+        params = {l: leaves[l].clone().requires_grad_(True) for l in layers}
+        changes = RowChanges({l: (p, None) for l, p in params.items()}, n)
+        tgt_logp, kl_logp = forward_logprobs(model, rows, None, layer=model.n_layers - 1,
+                                             extra=changes.writes(rows.request))
+        nll, kl = request_losses(rows, tgt_logp, kl_logp, kl_init, hp.kl_factor)
+        if kl_init is None and hp.kl_factor > 0:
+            kl_init = kl_logp.detach()
+        loss = nll + kl + hp.weight_decay * sum((p ** 2).sum((1, 2)) for p in params.values())  # FT-W
+        logged, nll_now = loss.detach().cpu(), nll.detach().cpu()
+        for r in active.nonzero().flatten().tolist():
+            losses[r].append(float(logged[r]))
+            final_nll[r] = float(nll_now[r])
+        active &= ~(nll_now < hp.early_stop)
+        if not bool(active.any()):
+            break
+        grads = torch.autograd.grad(loss[active.to(loss.device)].sum(), list(params.values()))
+        with torch.no_grad():
+            for l, g in zip(layers, grads):
+                adams[l].step(leaves[l], g, active.to(dev))
+                if hp.norm_constraint is not None:  # FT+L: ‖ΔW‖∞ ≤ ε
+                    leaves[l][active] = leaves[l][active].clamp(-hp.norm_constraint, hp.norm_constraint)
+    out = []
+    for r, request in enumerate(requests):
+        parts = {(l, "value"): Part(leaves[l][r].detach().cpu().clone()) for l in layers}
+        info = {"contexts": list(templates),
+                "opt": {"loss": losses[r], "steps": len(losses[r]), "final_nll": [final_nll[r]]}}
+        out.append(WeightDelta.from_model(model, parts, method=method, hparams=hp.to_dict(), requests=[request],
+                                          info=info))
+    return out

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from kvlens.corpus import Corpus
-from kvlens.editing._shared import build_rows, context_templates, optimise_targets, request_log, subject_states
+from kvlens.editing._shared import (
+    build_rows,
+    context_templates,
+    optimise_targets,
+    request_log,
+    subject_states,
+)
 from kvlens.editing.base import EditMethod, register_method, sequentially
 from kvlens.editing.delta import Part, WeightDelta
 from kvlens.editing.hparams import ROME_PRESETS, ReferenceOption, ROMEHparams
