@@ -111,14 +111,13 @@ def test_rome_compute_each_equals_compute():
         assert d.info["opt"]["steps"] == one.info["opt"]["steps"]
 
 
-@pytest.mark.parametrize("name", ["memit", "alphaedit"])
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize(("name", "family"), [("memit", "llama"), ("alphaedit", "gpt_neox")])
 def test_memit_and_alphaedit_batched_equal_one_by_one(name, family):
-    model = tiny(family)
+    model = tiny(family)  # tiny keys: a small λ / L2 lets the update show
     if name == "memit":
-        method = MEMIT(MEMITHparams(layers=(0, 1), lam=1.0, opt=OPT, contexts=CTX))
+        method = MEMIT(MEMITHparams(layers=(0, 1), lam=1e-3, opt=OPT, contexts=CTX))
     else:
-        method = AlphaEdit(AlphaEditHparams(layers=(0, 1), opt=OPT, contexts=CTX, nullspace_threshold=0.5, l2=0.1))
+        method = AlphaEdit(AlphaEditHparams(layers=(0, 1), opt=OPT, contexts=CTX, nullspace_threshold=0.5, l2=1e-3))
     batched, _ = both(model, method, stats=stats(model, [0, 1]))
     assert batched.protocol["compute"] == "batched" and moved(batched) > 1e-4
 
@@ -143,8 +142,8 @@ def test_memit_compute_each_equals_compute_and_alphaedit_keeps_its_keys():
 def test_ft_and_lora_batched_or_fall_back_with_a_warning_and_match(name):
     model = tiny("llama")
     kind, role = name.split("-")
-    method = (FineTune(role=role, layers=(1,), steps=2, lr=1e-2) if kind == "ft"
-              else LoRA(role=role, layers=(1,), steps=2, lr=1e-2))
+    method = (FineTune(role=role, layers=(1,), steps=2, lr=5e-2) if kind == "ft"
+              else LoRA(role=role, layers=(1,), steps=2, lr=5e-2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batched, _ = both(model, method)
