@@ -53,6 +53,7 @@ from kvlens.editing import (
 )
 from kvlens.evaluate import EditReport, evaluate
 from kvlens.experiments import compare_methods, keys_vs_values, scaling
+from kvlens.independent import IndependentReport, evaluate_each
 from kvlens.memory.activations import KeyActivations, TopMemories, keys
 from kvlens.memory.contrib import Contributions, contributions
 from kvlens.memory.intervene import Intervention, Prediction, intervene, predict
@@ -98,10 +99,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "MEMIT", "ROME", "AlphaEdit", "ArchSpec", "Batch", "CausalTrace", "Composition", "Contributions",
     "Corpus", "EditHistory", "EditReport", "EditRequest", "EvalCase", "FoundMemories", "GateFT",
+    "IndependentReport",
     "Intervention", "KVModel", "KeyActivations", "KeyFT", "LoRAGates", "LoRAKeys", "LoRAValues", "LogitLens",
     "Prediction", "SeveredTrace", "Site", "TopMemories", "TraceSummary", "TriggerExamples",
     "UnknownArchitectureError", "ValueFT", "VocabProjection", "WeightDelta", "available_methods", "cache_dir",
-    "compare_methods", "composition", "contributions", "corpus", "evaluate", "find_memories", "get_arch",
+    "compare_methods", "composition", "contributions", "corpus", "evaluate", "evaluate_each",
+    "find_memories", "get_arch",
     "get_method", "intervene", "keys", "keys_vs_values", "load", "load_bundled", "load_counterfact",
     "load_json", "load_reference_texts", "load_zsre", "logit_lens", "metrics", "noise_scale", "predict",
     "register_arch", "register_method", "registered_types", "scaling", "sever", "suggest_edit_layers",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from kvlens.metrics import (
 )
 from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.prompts import check_length, continuation_ids
-from kvlens.tracing import run
+from kvlens.tracing import Write, run
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,13 @@ class TargetScore:
         return bool(self.hits[0])
 
 
+#: Per-row trace writes for rows owned by ``owners`` (one owner id per batch row): see ``score_targets``.
+RowWrites = Callable[[torch.Tensor], Mapping[Site, Write]]
+
+
 def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str], *,
-                  batch_size: int = 32) -> list[TargetScore]:
+                  batch_size: int = 32, owners: Sequence[int] | None = None,
+                  writes: RowWrites | None = None) -> list[TargetScore]:
     """Teacher-forced log-probabilities of ``targets[i]`` right after ``prompts[i]``.
 
     The prompt is tokenized as :meth:`KVModel.tokenize` does (with the model's prefix) and the
@@ -86,6 +91,10 @@ def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str]
     (prompt + all but the last target token) is the same share one forward row, so
     single-token targets after one prompt cost one row. Rows are sorted by length and run in
     batches of ``batch_size`` right-padded rows through :func:`kvlens.tracing.run`.
+
+    ``owners[i]`` (optional) names who pair i belongs to; rows are shared only within one owner,
+    and ``writes(row_owners)`` gives each forward's trace writes from the owner of each of its
+    rows: many model states (e.g. independent edits, one per owner) scored in the same forwards.
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets: pass one target per prompt")
@@ -93,6 +102,10 @@ def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str]
         raise ValueError("no prompts to score: pass at least one (prompt, target) pair")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if owners is not None and len(owners) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(owners)} owners: pass one owner per prompt")
+    if writes is not None and owners is None:
+        raise ValueError("per-row writes need owners: pass owners (one per prompt) with writes")
     prompt_cache: dict[str, list[int]] = {}
     for p in prompts:
         if p not in prompt_cache:
@@ -100,11 +113,12 @@ def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str]
     target_ids = [continuation_ids(model, t) for t in targets]
     contexts: dict[tuple[int, ...], int] = {}
     row_of = []
-    for p, t in zip(prompts, target_ids):
-        key = tuple(prompt_cache[p] + t[:-1])
-        check_length(model, len(key) + 1, f"prompt {p!r} with its {len(t)} target token(s)")
+    for i, (p, t) in enumerate(zip(prompts, target_ids)):
+        key = (-1 if owners is None else int(owners[i]), *prompt_cache[p], *t[:-1])
+        check_length(model, len(key), f"prompt {p!r} with its {len(t)} target token(s)")
         row_of.append(contexts.setdefault(key, len(contexts)))
-    rows = list(contexts)
+    row_owner = torch.tensor([k[0] for k in contexts], dtype=torch.long)
+    rows = [list(k[1:]) for k in contexts]
     pairs_of_row: list[list[int]] = [[] for _ in rows]
     for i, r in enumerate(row_of):
         pairs_of_row[r].append(i)
@@ -114,7 +128,8 @@ def score_targets(model: KVModel, prompts: Sequence[str], targets: Sequence[str]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         batch = Batch.from_ids([rows[i] for i in chunk], pad, model.device, [str(i) for i in chunk])
-        logits = run(model, batch, read=[Site("logits")])[Site("logits")]
+        extra = writes(row_owner[torch.tensor(chunk, dtype=torch.long)]) if writes is not None else None
+        logits = run(model, batch, read=[Site("logits")], write=extra)[Site("logits")]
         for r, row in enumerate(chunk):
             for i in pairs_of_row[row]:
                 n_p, t = len(prompt_cache[prompts[i]]), target_ids[i]
@@ -152,12 +167,15 @@ def _tests_for(cases: Sequence[EvalCase], tests: Sequence[str] | None) -> tuple[
 
 
 def score_state(model: KVModel, cases: Sequence[EvalCase], tests: Sequence[str], *,
-                batch_size: int = 32) -> list[dict[str, list[TargetScore]]]:
+                batch_size: int = 32, writes: RowWrites | None = None) -> list[dict[str, list[TargetScore]]]:
     """Teacher-forced scores of every case's prompts in the model's *current* state.
 
     Per case: ``rewrite_new``/``rewrite_true``, ``paraphrase_new``/``paraphrase_true`` (one per
     paraphrase), ``neighborhood_new``/``neighborhood_expected``. ``*_true`` lists are empty when the
     true object is unknown (zsRE); ``neighborhood_new`` is empty for zsRE-style neighbours.
+
+    With ``writes``, case i's prompts run with the trace writes ``writes`` gives for owner i (its
+    own state, e.g. its own edit; :func:`score_targets`), many cases in one forward.
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -185,7 +203,9 @@ def score_state(model: KVModel, cases: Sequence[EvalCase], tests: Sequence[str],
     keys = ("rewrite_new", "rewrite_true", "paraphrase_new", "paraphrase_true",
             "neighborhood_new", "neighborhood_expected")
     out: list[dict[str, list[TargetScore]]] = [{k: [] for k in keys} for _ in cases]
-    for (i, key), score in zip(slots, score_targets(model, prompts, targets, batch_size=batch_size)):
+    owners = [i for i, _ in slots] if writes is not None else None
+    scores = score_targets(model, prompts, targets, batch_size=batch_size, owners=owners, writes=writes)
+    for (i, key), score in zip(slots, scores):
         out[i][key].append(score)
     return out
 

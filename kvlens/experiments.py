@@ -16,12 +16,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
+
 from kvlens.datasets import EvalCase, as_cases
 from kvlens.editing import MEMIT, ROME, EditRequest, KeyFT, LoRAKeys, LoRAValues, ValueFT
 from kvlens.editing.base import EditMethod, sequentially
 from kvlens.editing.delta import WeightDelta
-from kvlens.evaluate import EditReport, evaluate
-from kvlens.metrics import Estimate
+from kvlens.evaluate import AGGREGATES, SCORES, EditReport, evaluate
+from kvlens.independent import evaluate_each, requests_of
+from kvlens.metrics import Estimate, harmonic_mean
 from kvlens.models.kvmodel import KVModel
 
 #: name -> (factory, side). ROME/MEMIT read 5k-token E[kkᵀ] statistics (low-sample mode) by default
@@ -36,11 +39,6 @@ KEY_VALUE_METHODS: dict[str, tuple[Callable[[], EditMethod], str]] = {
 }
 #: Qiu et al.'s table columns -> kvlens metric names (CounterFact convention; fluency = GE).
 COLUMNS = {"Score": "S", "Efficacy": "ES", "Generalization": "PS", "Specificity": "NS", "Fluency": "GE"}
-
-
-def requests_of(cases: Sequence[EvalCase]) -> list[EditRequest]:
-    """The edit request of each case."""
-    return [EditRequest(c.prompt, c.subject, c.target_new, c.target_true) for c in cases]
 
 
 def _methods(methods: Sequence[str] | Mapping[str, Any] | None) -> dict[str, tuple[Callable[[], EditMethod], str]]:
@@ -100,17 +98,28 @@ class Comparison:
 
 
 def compare_methods(model: KVModel, requests: Any, methods: Sequence[str] | Mapping[str, Any] | None = None, *,
-                    mode: Literal["batch", "sequential"] = "batch", generation: bool = True,
-                    max_new_tokens: int = 50, seed: int = 0, progress: bool = False) -> Comparison:
+                    mode: Literal["batch", "sequential", "independent"] = "batch", generation: bool = True,
+                    max_new_tokens: int = 50, seed: int = 0, progress: bool = False,
+                    **independent: Any) -> Comparison:
     """Edit the same requests with each method and score each edit (keys vs values, Qiu et al.).
 
     Args:
         model: the model (left unchanged).
         requests: cases/records (with paraphrase and neighbourhood prompts for PS/NS).
         methods: names from :data:`KEY_VALUE_METHODS` or ``{name: factory}``/``{name: (factory, side)}``.
-        mode: one delta for all requests (``batch``) or requests applied one after another.
-        generation: GE on the first generation prompt of each case (``max_new_tokens`` tokens).
+        mode: one delta for all requests (``batch``), requests applied one after another
+            (``sequential``), or each request edited alone from the unedited model and undone
+            (``independent``, the CounterFact protocol: :func:`kvlens.independent.evaluate_each`,
+            which gets ``**independent``, e.g. ``batched=False``).
+        generation: GE on the first generation prompt of each case (``max_new_tokens`` tokens);
+            not available in ``independent`` mode (pass ``generation=False``).
     """
+    if mode not in ("batch", "sequential", "independent"):
+        raise ValueError(f"mode must be 'batch', 'sequential' or 'independent', got {mode!r}")
+    if mode == "independent" and generation:
+        raise ValueError("generation (GE) is not measured under the independent protocol: pass generation=False")
+    if independent and mode != "independent":
+        raise TypeError(f"{sorted(independent)} are options of mode='independent' only")
     cases = as_cases(requests)
     if generation:
         cases = [replace(c, generation_prompts=c.generation_prompts[:1]) for c in cases]
@@ -121,12 +130,56 @@ def compare_methods(model: KVModel, requests: Any, methods: Sequence[str] | Mapp
     reports, seconds = {}, {}
     for name, (factory, _side) in chosen.items():
         t0 = time.perf_counter()
-        delta = compute_delta(model, factory(), reqs, mode)
-        seconds[name] = time.perf_counter() - t0
-        reports[name] = _after(model, cases, delta, baseline, name, gen)
+        if mode == "independent":
+            reports[name] = evaluate_each(model, factory(), cases, baseline=baseline, label=name, **independent)
+            seconds[name] = reports[name].protocol["compute_seconds"]
+        else:
+            delta = compute_delta(model, factory(), reqs, mode)
+            seconds[name] = time.perf_counter() - t0
+            reports[name] = _after(model, cases, delta, baseline, name, gen)
         if progress:
             print(f"{name}: computed in {seconds[name]:.1f} s, evaluated in {reports[name].seconds:.1f} s")
     return Comparison(baseline, reports, {k: s for k, (_, s) in chosen.items()}, seconds, mode)
+
+
+def paired_difference(a: EditReport, b: EditReport, metric: str, *, state: str = "after", n_boot: int = 2000,
+                      seed: int = 0) -> Estimate:
+    """Mean of ``metric`` in ``a`` minus in ``b`` on the same cases, with a paired bootstrap 95 % CI.
+
+    Cases are resampled together for both reports (the difference of the two methods on the same
+    requests). ``metric``: a per-case key of :func:`kvlens.evaluate.case_metrics` by its report
+    name (``ES``, ``PS``, ``NS``, ``Efficacy`` ...; x100) or a score (``S``, ``Score``: the
+    harmonic mean of its parts, recomputed in every resample).
+    """
+    if [c.case_id for c in a.cases] != [c.case_id for c in b.cases]:
+        raise ValueError("paired differences need reports on the same cases (same case ids, in order)")
+    keys, convention = _metric_keys(metric)
+    rows_a, rows_b = a.per_case[state], b.per_case[state]
+    missing = [k for k in keys if not all(k in r for r in (*rows_a, *rows_b))]
+    if missing:
+        raise KeyError(f"metric {metric!r} needs per-case {missing}, which some cases lack")
+    x = np.array([[r[k] for r in rows_a] for k in keys], dtype=np.float64)
+    y = np.array([[r[k] for r in rows_b] for k in keys], dtype=np.float64)
+
+    def stat(i: np.ndarray) -> float:
+        if len(keys) == 1:
+            return float(100.0 * (x[0, i].mean() - y[0, i].mean()))
+        return float(100.0 * (harmonic_mean(x[:, i].mean(1)) - harmonic_mean(y[:, i].mean(1))))
+
+    n = x.shape[1]
+    rng = np.random.default_rng(seed)
+    boots = [stat(rng.integers(0, n, n)) for _ in range(n_boot)]
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return Estimate(stat(np.arange(n)), float(low), float(high), n, convention, "paired bootstrap")
+
+
+def _metric_keys(metric: str) -> tuple[tuple[str, ...], str]:
+    if metric in SCORES:
+        return SCORES[metric]
+    for name, key, convention in AGGREGATES:
+        if name == metric:
+            return (key,), convention
+    raise KeyError(f"unknown metric {metric!r}; choose from {[n for n, _, _ in AGGREGATES] + list(SCORES)}")
 
 
 def keys_vs_values(model: KVModel, requests: Any, **kwargs: Any) -> Comparison:

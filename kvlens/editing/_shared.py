@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -175,25 +175,41 @@ def build_rows(model: KVModel, requests: Sequence[EditRequest], templates: Seque
                 torch.tensor([x[3] for x in tgt]), len(requests))
 
 
-def subject_states(model: KVModel, rows: Rows, sites: Sequence[Site], *, chunk: int = 32) -> dict[Site, torch.Tensor]:
+def subject_states(model: KVModel, rows: Rows, sites: Sequence[Site], *, chunk: int = 32,
+                   grouped: bool = False, write: Mapping[Site, tracing.Write] | None = None,
+                   ) -> dict[Site, torch.Tensor]:
     """States at each row's subject-last token, averaged per request over its non-KL rows: ``[N, ...]``.
 
-    Runs ``chunk`` requests per forward (memory stays bounded for thousands of requests).
+    ``grouped``: average the clean prompt and the prefixes as two groups, then the groups (the
+    released MEMIT ``compute_ks``; :class:`~kvlens.editing.hparams.MEMITHparams` ``key_average``).
+    ``write``: trace writes for the forward (one chunk only: the caller sizes it). Runs ``chunk``
+    requests per forward (memory stays bounded for thousands of requests).
     """
-    if rows.n_requests > chunk:
-        parts = [subject_states(model, rows.select(range(lo, min(lo + chunk, rows.n_requests))), sites)
-                 for lo in range(0, rows.n_requests, chunk)]
+    if rows.n_requests > chunk and write is None:
+        parts = [subject_states(model, rows.select(range(lo, min(lo + chunk, rows.n_requests))), sites,
+                                grouped=grouped) for lo in range(0, rows.n_requests, chunk)]
         return {s: torch.cat([p[s] for p in parts]) for s in sites}
     keep = (rows.context >= 0).nonzero().flatten()
     top = max(s.layer for s in sites)
-    states = tracing.run(model, rows.batch, read=sites, stop=top < model.n_layers - 1)
+    states = tracing.run(model, rows.batch, read=sites, write=write, stop=top < model.n_layers - 1)
     counts = torch.bincount(rows.request[keep], minlength=rows.n_requests).float()
+    weight = _group_weights(rows.request[keep], rows.context[keep], rows.n_requests) if grouped else None
     out = {}
     for site, s in states.items():
         picked = s[keep.to(s.device), rows.subject[keep].to(s.device)].float().cpu()
+        shape = (-1, *([1] * (picked.dim() - 1)))
+        if weight is not None:  # Σ w·k with the weights of each request summing to 1
+            picked = picked * weight.view(shape)
         total = torch.zeros(rows.n_requests, *picked.shape[1:]).index_add_(0, rows.request[keep], picked)
-        out[site] = total / counts.view(-1, *([1] * (picked.dim() - 1)))
+        out[site] = total if weight is not None else total / counts.view(shape)
     return out
+
+
+def _group_weights(request: torch.Tensor, context: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's weight in its request's grouped mean: ½ the clean prompt, ½ shared by the prefixes."""
+    prefixes = torch.bincount(request[context > 0], minlength=n).float()
+    clean = torch.where(prefixes > 0, 0.5, 1.0)  # no prefixes: the clean group is the only one
+    return torch.where(context == 0, clean[request], 0.5 / prefixes.clamp_min(1)[request])
 
 
 def decode_at(model: KVModel, final: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -218,13 +234,17 @@ def request_losses(rows: Rows, tgt_logp: torch.Tensor, kl_logp: torch.Tensor | N
 
 
 def forward_logprobs(model: KVModel, rows: Rows, delta: torch.Tensor | None, *, layer: int,
-                     prefix: tracing.Prefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     prefix: tracing.Prefix | None = None, extra: Mapping[Site, tracing.Write] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target-token and KL-row log-probabilities with ``delta[r]`` added after ``layer`` at row r's subject.
 
     With ``prefix`` (:func:`tracing.prefix_run` of ``rows`` from their subject tokens) only layers
-    above ``layer`` at positions from the subject on are computed; otherwise the whole model runs.
-    Only the positions the losses need are decoded.
+    above ``layer`` at positions from the subject on are computed; otherwise the whole model runs,
+    with the ``extra`` trace writes too (e.g. per-row weight changes). Only the positions the
+    losses need are decoded.
     """
+    if extra and prefix is not None:
+        raise ValueError("extra writes need the whole forward: pass prefix=None with them")
     final = Site("resid", model.n_layers - 1)
     n_rows = torch.arange(len(rows.request))
     kl_rows = rows.kl_rows
@@ -234,7 +254,8 @@ def forward_logprobs(model: KVModel, rows: Rows, delta: torch.Tensor | None, *, 
         states = tracing.run_skipping(model, prefix, top=write, read=[final], grad=True, stop=True)
     else:
         write = tracing.add_at(n_rows, rows.subject, delta) if delta is not None else (lambda s: s)
-        states = tracing.run(model, rows.batch, write={Site("resid", layer): write}, read=[final], grad=True)
+        writes = {**(extra or {}), Site("resid", layer): write}
+        states = tracing.run(model, rows.batch, write=writes, read=[final], grad=True)
         shift = torch.zeros_like(rows.subject)
     cols = torch.cat([rows.tgt_col - shift[rows.tgt_row], rows.subject[kl_rows] - shift[kl_rows]])
     logp = decode_at(model, states[final], torch.cat([rows.tgt_row, kl_rows]), cols)
@@ -299,8 +320,8 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
         done = loss.detach().cpu() < opt.early_stop
         report_step("target vectors", step + 1, opt.steps, float(loss.detach().sum()),
                     int((~done).sum()))
-        if bool(done.all()):
-            break
+        if bool(done.all()) or (not opt.final_update and step == opt.steps - 1):
+            break  # the released code's loop stops here before its last update (TargetOpt.final_update)
         (grad,) = torch.autograd.grad(loss[~done.to(loss.device)].sum(), leaf)
         full_grad = torch.zeros_like(delta)
         full_grad[sub_idx.to(dev)] = grad
@@ -314,6 +335,13 @@ def optimise_targets(model: KVModel, rows: Rows, layer: int, reference: torch.Te
             sub_prefix = prefix.select(rows.rows_of(sub_idx)) if prefix is not None else None
     return delta.detach(), {"loss": loss_last.tolist(), "steps": steps.tolist(),
                             "max_norm": (ref * opt.clamp).cpu().tolist(), "curves": curves}
+
+
+def request_log(log: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """Request ``i``'s part of an :func:`optimise_targets` log, shaped as the log of it alone."""
+    out: dict[str, Any] = {k: [v[i]] if isinstance(v, list) else v for k, v in log.items() if k != "curves"}
+    out["curves"] = {k: [v[i]] for k, v in log["curves"].items()}
+    return out
 
 
 def _kl_index(rows: Rows, requests: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from kvlens.editing.base import register_method
 from kvlens.editing.delta import Part, WeightDelta
 from kvlens.editing.hparams import Contexts, MEMITHparams, TargetOpt
-from kvlens.editing.memit import MEMIT
+from kvlens.editing.memit import MEMIT, alone_left
 from kvlens.editing.request import EditRequest
 from kvlens.models.kvmodel import KVModel
 
@@ -60,8 +60,9 @@ class AlphaEdit(MEMIT):
     invertible_moments = False  # the null space of C is what AlphaEdit projects on
 
     def __init__(self, hparams: AlphaEditHparams | None = None, *, preset: str | None = None,
-                 previous_keys: Mapping[int, torch.Tensor] | None = None, **overrides: Any) -> None:
-        super().__init__(hparams, preset=preset, **overrides)
+                 previous_keys: Mapping[int, torch.Tensor] | None = None, reference: bool = False,
+                 **overrides: Any) -> None:
+        super().__init__(hparams, preset=preset, reference=reference, **overrides)
         self.previous_keys = {l: k.detach().double().cpu() for l, k in (previous_keys or {}).items()}
         self._projectors: dict[int, torch.Tensor] = {}
 
@@ -80,6 +81,24 @@ class AlphaEdit(MEMIT):
             raise
         finally:
             self._projectors = {}
+
+    def compute_each(self, model: KVModel, requests: Any, **kwargs: Any) -> list[WeightDelta]:
+        """MEMIT's :meth:`~MEMIT.compute_each` with AlphaEdit's solve; ``previous_keys`` are read, never grown."""
+        self._projectors = {}
+        try:
+            return super().compute_each(model, requests, **kwargs)
+        finally:
+            self._projectors = {}
+
+    def alone_update(self, layer: int, C: torch.Tensor, keys: torch.Tensor, hp: MEMITHparams) -> torch.Tensor:
+        """Each request's own (P(kkᵀ + K_pK_pᵀ) + L2·I)⁻¹ P k: B = P K_pK_pᵀ + L2·I, a = P k (Sherman–Morrison)."""
+        assert isinstance(hp, AlphaEditHparams)
+        if layer not in self._projectors:
+            self._projectors[layer] = null_space_projector(C, hp.nullspace_threshold)
+        P = self._projectors[layer]
+        previous = self.previous_keys.get(layer, torch.zeros_like(P))
+        base = P @ previous + hp.l2 * torch.eye(len(P), dtype=P.dtype)
+        return alone_left(base, keys, (P @ keys.double().T).T)
 
     def layer_update(self, layer: int, C: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor,
                      hp: MEMITHparams) -> Part:

@@ -74,6 +74,11 @@ class TargetOpt:
     ``clamp``: ‖δ‖ ≤ clamp · ‖reference‖ after every step (ROME: MLP output; MEMIT: h^L; App. B).
     ``weight_decay``: ``wd · ‖δ‖ / ‖reference‖²`` (the released code's normalized form).
     ``kl_factor``: the essence-preserving KL on "{subject} is a". Stops early below ``early_stop``.
+    ``final_update``: whether the last of the ``steps`` iterations updates δ. kvlens's default
+    (True) makes ``steps`` Adam updates. The released code (kmeng01/rome@0874014
+    ``rome/compute_v.py`` and kmeng01/memit@80426fd ``memit/compute_z.py``) breaks at
+    ``it == v_num_grad_steps - 1`` *before* ``opt.step()``: it computes the loss ``steps`` times
+    but updates only ``steps − 1`` times; ``False`` reproduces that (``reference=True`` sets it).
     """
 
     steps: int = 20
@@ -82,6 +87,7 @@ class TargetOpt:
     weight_decay: float = 0.5
     clamp: float = 4.0
     early_stop: float = 5e-2
+    final_update: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -100,6 +106,12 @@ class ROMEHparams:
     ``key_fix``: the r-ROME fix (Gupta et al. 2024): use the prefix-averaged key k* in the
     denominator too. The original code divides by the clean-prompt key, which collapses
     sequential edits; ``False`` reproduces it.
+
+    Reference parity: kvlens with ``key_fix=False`` still differs from the released code in one
+    respect, the step count (``opt.final_update``: the code makes ``steps − 1`` updates).
+    ``ROME(reference=True)`` (:func:`reference_hparams`) sets both ``key_fix=False`` and
+    ``opt.final_update=False`` and reproduces kmeng01/rome@0874014 (prefixes aside: they are
+    sampled unseeded there, seeded here).
     """
 
     layer: int = 5
@@ -123,6 +135,13 @@ class MEMITHparams:
     ``skip_fixed``: skip what δ cannot change (:func:`kvlens.tracing.prefix_run`): replay layers up
     to L from one cached run, compute the layers above only from each row's subject token on, and
     decode only the target positions.
+    ``key_average``: how the keys k_i^l are averaged over contexts. ``"contexts"`` (default):
+    every context weighs the same, the mean of Eq. 19. ``"groups"``: the released code
+    (kmeng01/memit@80426fd ``memit/compute_ks.py``) averages within each context-template group
+    (``[["{}"], [the n prefixes]]``) and then across groups, so the clean prompt weighs ½ and
+    each prefix 1/(2n). The z optimisation averages all contexts equally in both.
+    ``MEMIT(reference=True)`` (:func:`reference_hparams`) sets ``"groups"`` and
+    ``opt.final_update=False`` (the code's ``steps − 1`` updates, :class:`TargetOpt`).
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
@@ -132,6 +151,7 @@ class MEMITHparams:
     z_batch: int | None = 32
     skip_fixed: bool = True
     stats_tokens: int = 100_000
+    key_average: Literal["contexts", "groups"] = "contexts"
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -140,6 +160,8 @@ class MEMITHparams:
         _positive("lam", self.lam)
         if self.z_batch is not None and self.z_batch < 1:
             raise ValueError(f"z_batch must be >= 1 or None, got {self.z_batch}")
+        if self.key_average not in ("contexts", "groups"):
+            raise ValueError(f"key_average must be 'contexts' or 'groups', got {self.key_average!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +261,38 @@ LORA_PRESETS: dict[str, LoRAHparams] = {
     "smollm2-135m": LoRAHparams(layers=(8,), rank=8, alpha=16.0, steps=30, lr=1e-2, kl_factor=0.0625,
                                 contexts=Contexts(n=4, tokens=5)),
 }
+
+
+def reference_hparams(hp: Any) -> Any:
+    """``hp`` changed to reproduce the released ROME/MEMIT code where kvlens's defaults differ.
+
+    All methods: ``opt.final_update=False`` (``steps − 1`` updates, :class:`TargetOpt`). ROME:
+    ``key_fix=False`` (the clean-prompt key in the denominator). MEMIT (and AlphaEdit, built on
+    MEMIT's code): ``key_average="groups"`` (clean prompt ½). Every other number is kept.
+    """
+    from dataclasses import replace
+
+    if not isinstance(hp, (ROMEHparams, MEMITHparams)):
+        raise TypeError(f"reference parity is defined for ROME and MEMIT hyperparameters, got {type(hp).__name__}")
+    changes: dict[str, Any] = {"opt": replace(hp.opt, final_update=False)}
+    if isinstance(hp, ROMEHparams):
+        changes["key_fix"] = False
+    else:
+        changes["key_average"] = "groups"
+    return replace(hp, **changes)
+
+
+class ReferenceOption:
+    """Mixin for ROME/MEMIT method classes: ``Method(..., reference=True)`` uses :func:`reference_hparams`."""
+
+    def __init__(self, hparams: Any | None = None, *, preset: str | None = None, reference: bool = False,
+                 **overrides: Any) -> None:
+        super().__init__(hparams, preset=preset, **overrides)  # type: ignore[call-arg]
+        self.reference = bool(reference)
+
+    def hparams_for(self, model: Any) -> Any:
+        hp = super().hparams_for(model)  # type: ignore[misc]
+        return reference_hparams(hp) if self.reference else hp
 
 
 def preset_for(presets: dict[str, Any], model_name: str) -> Any | None:

@@ -22,17 +22,25 @@ and the keys of the first requests.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from kvlens.corpus import Corpus
-from kvlens.editing._shared import Rows, build_rows, context_templates, optimise_targets, subject_states
+from kvlens.editing._shared import (
+    Rows,
+    build_rows,
+    context_templates,
+    optimise_targets,
+    request_log,
+    subject_states,
+)
 from kvlens.editing.base import EditMethod, check_layers, register_method, sequentially
 from kvlens.editing.delta import Part, PartKey, WeightDelta
-from kvlens.editing.hparams import MEMIT_PRESETS, MEMITHparams
-from kvlens.editing.request import EditRequest
+from kvlens.editing.hparams import MEMIT_PRESETS, MEMITHparams, ReferenceOption
+from kvlens.editing.per_row import stack_changes
+from kvlens.editing.request import EditRequest, check_requests
 from kvlens.memory.stats import resolve_moments
 from kvlens.models.kvmodel import KVModel, Site
 
@@ -80,9 +88,28 @@ def target_vectors(model: KVModel, rows: Rows, hp: MEMITHparams) -> tuple[torch.
     return h + delta, h, log
 
 
+def alone_left(base: torch.Tensor, keys: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+    """Each request's own ``(B + a kᵀ)⁻¹ a`` = ``B⁻¹a / (1 + kᵀB⁻¹a)`` (Sherman–Morrison), ``[n, d_ff]``.
+
+    With one request the MEMIT system (λC + kkᵀ) is B = λC plus the rank one a kᵀ (a = k), so one
+    factorisation of B serves every request edited alone. ``keys``/``projected``: k and a, ``[n, d_ff]``.
+    """
+    a = projected.double().T  # [d_ff, n]
+    solved = torch.linalg.solve(base.double(), a)
+    denom = 1.0 + (keys.double().T * solved).sum(0)
+    left = solved / denom
+    if not bool(torch.isfinite(left).all()):
+        raise ValueError("the per-request MEMIT system is singular; check the statistics and λ")
+    return left.T
+
+
 @register_method
-class MEMIT(EditMethod):
-    """Mass-Editing Memory in a Transformer (hyperparameters: :class:`MEMITHparams`)."""
+class MEMIT(ReferenceOption, EditMethod):
+    """Mass-Editing Memory in a Transformer (hyperparameters: :class:`MEMITHparams`).
+
+    :meth:`compute_each` edits each request alone (from the unedited model), many at once.
+    ``reference=True`` reproduces the released code (:func:`~kvlens.editing.hparams.reference_hparams`).
+    """
 
     name = "memit"
     presets = MEMIT_PRESETS
@@ -102,6 +129,78 @@ class MEMIT(EditMethod):
                      hp: MEMITHparams) -> Part:
         """The change of V at ``layer`` for these keys and residuals (MEMIT: Eq. 14)."""
         return layer_update(C, keys, resid, hp.lam)
+
+    def alone_update(self, layer: int, C: torch.Tensor, keys: torch.Tensor, hp: MEMITHparams) -> torch.Tensor:
+        """Left factors ``[n, d_ff]`` of each request's own update at ``layer`` (Eq. 14 with n = 1)."""
+        return alone_left(hp.lam * C.double(), keys, keys)
+
+    def compute_each(self, model: KVModel, requests: Sequence[EditRequest], *, batch_size: int = 32,
+                     stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
+                     ) -> list[WeightDelta]:
+        """One delta per request, each computed alone from the current model, ``batch_size`` at a time.
+
+        Equal (to float tolerance) to ``[self.compute(model, [r], report=False) for r in requests]``:
+        z is optimised per row; keys and h^L above the first layer are measured with each row's own
+        lower-layer updates in place (:mod:`kvlens.editing.per_row`); each request's update is its
+        n = 1 solve (:meth:`alone_update`).
+        """
+        reqs = [check_requests([r])[0] for r in requests]
+        if not reqs:
+            raise ValueError("no requests to edit: pass at least one")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        hp = self.hparams_for(model)
+        self.check(model, hp)
+        moments = resolve_moments(model, hp.layers, stats, corpus, hp.stats_tokens)
+        templates = context_templates(model, hp.contexts)
+        out: list[WeightDelta] = []
+        for lo in range(0, len(reqs), batch_size):
+            start = time.perf_counter()
+            chunk = self._alone(model, reqs[lo: lo + batch_size], hp, moments, templates)
+            for d in chunk:
+                d.info["seconds"] = (time.perf_counter() - start) / len(chunk)
+                d.info["batched"] = len(chunk)
+            out.extend(chunk)
+        return out
+
+    def _alone(self, model: KVModel, requests: Sequence[EditRequest], hp: MEMITHparams,
+               moments: Mapping[int, torch.Tensor], templates: tuple[str, ...]) -> list[WeightDelta]:
+        """Each request's MEMIT delta as if it were edited alone (all rows in the same forwards)."""
+        n = len(requests)
+        rows = build_rows(model, requests, templates)
+        z, h, log = target_vectors(model, rows, hp)
+        top = Site("resid", hp.layers[-1])
+        clean = rows.select(range(n), clean=True)
+        grouped = hp.key_average == "groups"
+        parts: list[dict[tuple[int, str], Part]] = [{} for _ in range(n)]
+        shares: list[list[dict[str, float]]] = [[] for _ in range(n)]
+        for i, layer in enumerate(hp.layers):
+            key = Site("key", layer)
+            if i:
+                changes = stack_changes(parts, model.device)
+                keys = subject_states(model, rows, [key], grouped=grouped, write=changes.writes(rows.request))[key]
+                h_now = subject_states(model, clean, [top], write=changes.writes(clean.request))[top]
+            else:
+                keys, h_now = subject_states(model, rows, [key], grouped=grouped)[key], h
+            resid = (z - h_now) / (len(hp.layers) - i)  # Eq. 20
+            left = self.alone_update(layer, moments[layer], keys, hp).float()
+            for r in range(n):
+                parts[r][(layer, "value")] = Part(left[r].unsqueeze(1), resid[r].float().unsqueeze(0))
+                shares[r].append({"layer": layer, "remaining": float((z[r] - h_now[r]).norm()),
+                                  "assigned": float(resid[r].norm())})
+        h_after = subject_states(model, clean, [top], write=stack_changes(parts, model.device).writes(clean.request))[top]
+        out = []
+        for r, request in enumerate(requests):
+            total = float((z[r] - h[r]).norm())
+            for row in shares[r]:
+                row["share"] = row["assigned"] / total if total else 0.0
+            info = {"contexts": list(templates), "opt": request_log(log, r), "z": z[r: r + 1],
+                    "delta_norms": [total], "layer_shares": shares[r],
+                    "remaining_after": float((z[r] - h_after[r]).norm()),
+                    "keys": {str(hp.layers[-1]): keys[r: r + 1].tolist()}}
+            out.append(WeightDelta.from_model(model, parts[r], method=self.name, hparams=hp.to_dict(),
+                                              requests=[request], info=info))
+        return out
 
     def _partial(self, model: KVModel, parts: dict[PartKey, Part],
                  requests: tuple[EditRequest, ...]) -> WeightDelta:
@@ -128,12 +227,13 @@ class MEMIT(EditMethod):
         shares = []
         for i, layer in enumerate(hp.layers):
             key = Site("key", layer)
+            grouped = hp.key_average == "groups"
             if parts:
                 with self._partial(model, parts, requests).applied(model):
-                    keys = subject_states(model, rows, [key])[key]
+                    keys = subject_states(model, rows, [key], grouped=grouped)[key]
                     h_now = subject_states(model, clean, [top])[top]
             else:
-                keys, h_now = subject_states(model, rows, [key])[key], h
+                keys, h_now = subject_states(model, rows, [key], grouped=grouped)[key], h
             resid = (z - h_now) / (len(hp.layers) - i)  # Eq. 20
             parts[(layer, "value")] = self.layer_update(layer, moments[layer], keys, resid, hp)
             shares.append({"layer": layer, "remaining": (z - h_now).norm(dim=-1).mean().item(),

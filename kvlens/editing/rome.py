@@ -17,17 +17,24 @@ mismatch causes disabling edits and collapse under sequential editing. ``key_fix
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from kvlens.corpus import Corpus
-from kvlens.editing._shared import build_rows, context_templates, optimise_targets, subject_states
+from kvlens.editing._shared import (
+    build_rows,
+    context_templates,
+    optimise_targets,
+    request_log,
+    subject_states,
+)
 from kvlens.editing.base import EditMethod, register_method, sequentially
 from kvlens.editing.delta import Part, WeightDelta
-from kvlens.editing.hparams import ROME_PRESETS, ROMEHparams
-from kvlens.editing.request import EditRequest
+from kvlens.editing.hparams import ROME_PRESETS, ReferenceOption, ROMEHparams
+from kvlens.editing.request import EditRequest, check_requests
 from kvlens.memory.stats import resolve_moments
 from kvlens.models.kvmodel import KVModel, Site
 
@@ -44,11 +51,13 @@ def rank_one(C: torch.Tensor | None, k_star: torch.Tensor, k_denominator: torch.
 
 
 @register_method
-class ROME(EditMethod):
+class ROME(ReferenceOption, EditMethod):
     """Rank-One Model Editing at one layer (hyperparameters: :class:`ROMEHparams`).
 
     Several requests are inserted one after another (each on top of the previous), as
     sequential ROME; their deltas are composed and ``info["norm_history"]`` records ‖V‖.
+    :meth:`compute_each` edits each request alone (from the unedited model), many at once.
+    ``reference=True`` reproduces the released code (:func:`~kvlens.editing.hparams.reference_hparams`).
     """
 
     name = "rome"
@@ -60,23 +69,57 @@ class ROME(EditMethod):
     def check(self, model: KVModel, hp: ROMEHparams) -> None:
         model.check_layer(hp.layer)
 
+    def _setup(self, model: KVModel, hp: ROMEHparams, stats: Mapping[int, torch.Tensor] | None,
+               corpus: Corpus | None) -> tuple[int, torch.Tensor | None, tuple[str, ...]]:
+        layer = model.check_layer(hp.layer)
+        C = resolve_moments(model, [layer], stats, corpus, hp.stats_tokens)[layer] if hp.mom2_adjustment else None
+        return layer, C, context_templates(model, hp.contexts)
+
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: ROMEHparams, *,
                  stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
                  **_: Any) -> WeightDelta:
-        layer = model.check_layer(hp.layer)
-        C = resolve_moments(model, [layer], stats, corpus, hp.stats_tokens)[layer] if hp.mom2_adjustment else None
-        templates = context_templates(model, hp.contexts)
-        return sequentially(model, requests, lambda r: self._one(model, r, hp, layer, C, templates))
+        layer, C, templates = self._setup(model, hp, stats, corpus)
+        return sequentially(model, requests, lambda r: self._alone(model, [r], hp, layer, C, templates)[0])
 
-    def _one(self, model: KVModel, request: EditRequest, hp: ROMEHparams, layer: int,
-             C: torch.Tensor | None, templates: tuple[str, ...]) -> WeightDelta:
-        rows = build_rows(model, [request], templates)
+    def compute_each(self, model: KVModel, requests: Sequence[EditRequest], *, batch_size: int = 32,
+                     stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
+                     ) -> list[WeightDelta]:
+        """One delta per request, each computed alone from the current model, ``batch_size`` at a time.
+
+        Equal (to float tolerance) to ``[self.compute(model, [r], report=False) for r in requests]``:
+        the δ optimisation is per row (:func:`optimise_targets`) and the keys are per request.
+        """
+        reqs = [check_requests([r])[0] for r in requests]  # each alone: no conflict or duplicate check
+        if not reqs:
+            raise ValueError("no requests to edit: pass at least one")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        hp = self.hparams_for(model)
+        self.check(model, hp)
+        layer, C, templates = self._setup(model, hp, stats, corpus)
+        out: list[WeightDelta] = []
+        for lo in range(0, len(reqs), batch_size):
+            start = time.perf_counter()
+            chunk = self._alone(model, list(reqs[lo: lo + batch_size]), hp, layer, C, templates)
+            for d in chunk:
+                d.info["seconds"] = (time.perf_counter() - start) / len(chunk)
+                d.info["batched"] = len(chunk)
+            out.extend(chunk)
+        return out
+
+    def _alone(self, model: KVModel, requests: Sequence[EditRequest], hp: ROMEHparams, layer: int,
+               C: torch.Tensor | None, templates: tuple[str, ...]) -> list[WeightDelta]:
+        """A delta for each request as if it were inserted alone (their δ optimised together)."""
+        rows = build_rows(model, requests, templates)
         key, mlp = Site("key", layer), Site("mlp", layer)
-        k_star = subject_states(model, rows, [key])[key][0]
-        clean = subject_states(model, rows.select([0], clean=True), [key, mlp])
+        k_star = subject_states(model, rows, [key])[key]
+        clean = subject_states(model, rows.select(range(len(requests)), clean=True), [key, mlp])
         delta, log = optimise_targets(model, rows, layer, clean[mlp], hp.opt)
-        part = rank_one(C, k_star, k_star if hp.key_fix else clean[key][0], delta[0].cpu())
-        info = {"contexts": list(templates), "opt": log, "delta_norm": float(delta.norm()),
-                "reference_norm": float(clean[mlp].norm()), "key": k_star.tolist()}
-        return WeightDelta.from_model(model, {(layer, "value"): part}, method=self.name,
-                                      hparams=hp.to_dict(), requests=[request], info=info)
+        out = []
+        for i, request in enumerate(requests):
+            part = rank_one(C, k_star[i], k_star[i] if hp.key_fix else clean[key][i], delta[i].cpu())
+            info = {"contexts": list(templates), "opt": request_log(log, i), "delta_norm": float(delta[i].norm()),
+                    "reference_norm": float(clean[mlp][i].norm()), "key": k_star[i].tolist()}
+            out.append(WeightDelta.from_model(model, {(layer, "value"): part}, method=self.name,
+                                              hparams=hp.to_dict(), requests=[request], info=info))
+        return out

@@ -1,0 +1,118 @@
+"""Keys vs values (Qiu et al. 2024) under the independent-edit protocol, with paired differences.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/keys_vs_values_independent.py --n 200 [--methods ...]
+
+Each of the first ``--n`` bundled facts (data/counterfact_mini.json) is edited alone from the
+unedited model, scored and undone (``kv.evaluate_each``), by: ROME and
+MEMIT (5k-token E[kkᵀ] statistics), FT keys / values / gates at the layer of the ROME preset
+(``--layer``, 8 on the embedded model) and at an early layer (``--early``, default 2), and LoRA
+keys / values / gates at ``--layer``. For each key-side method and its value-side twin, the
+key − value difference of every metric is estimated on the same requests with a paired bootstrap
+95 % CI (:func:`kvlens.experiments.paired_difference`). Results are written after every method
+(benchmarks/results/keys_vs_values_independent.{json,md}, the figure as Plotly JSON), so a run
+stopped early keeps what it measured; the files say how many requests each method saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import kvlens as kv
+from kvlens.experiments import Comparison, paired_difference
+from kvlens.views.eval_figures import comparison_figure
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "Efficacy", "Paraphrase", "Specificity")
+PAIRS = (("FT keys @L", "FT values @L"), ("FT gates @L", "FT values @L"), ("FT keys @early", "FT values @early"),
+         ("LoRA keys @L", "LoRA values @L"), ("LoRA gates @L", "LoRA values @L"))
+
+
+def methods(layer: int, early: int) -> dict[str, tuple]:
+    """name -> (factory, side); FT/LoRA keep their embedded-model presets except the layer."""
+    return {
+        "ROME": (lambda: kv.ROME(stats_tokens=5000), "value"),
+        "MEMIT": (lambda: kv.MEMIT(stats_tokens=5000), "value"),
+        "FT keys @L": (lambda: kv.KeyFT(layers=(layer,)), "key"),
+        "FT values @L": (lambda: kv.ValueFT(layers=(layer,)), "value"),
+        "FT gates @L": (lambda: kv.GateFT(layers=(layer,)), "gate"),
+        "FT keys @early": (lambda: kv.KeyFT(layers=(early,)), "key"),
+        "FT values @early": (lambda: kv.ValueFT(layers=(early,)), "value"),
+        "LoRA keys @L": (lambda: kv.LoRAKeys(layers=(layer,)), "key"),
+        "LoRA values @L": (lambda: kv.LoRAValues(layers=(layer,)), "value"),
+        "LoRA gates @L": (lambda: kv.LoRAGates(layers=(layer,)), "gate"),
+    }
+
+
+def write(comp, args, seconds: dict[str, float], started: float) -> None:
+    table = []
+    for name, rep in comp.reports.items():
+        agg = rep.aggregate["after"]
+        table.append({"method": name, "side": comp.sides.get(name, ""), "n": len(rep.cases),
+                      **{m: vars(agg[m]) for m in METRICS if m in agg}, "seconds": seconds[name],
+                      "protocol": {k: v for k, v in rep.protocol.items() if k != "steps"}})
+    diffs = []
+    for key, value in PAIRS:
+        if key in comp.reports and value in comp.reports:
+            diffs.append({"key": key, "value": value, **{
+                m: vars(paired_difference(comp.reports[key], comp.reports[value], m))
+                for m in METRICS if m in comp.reports[key].aggregate["after"]}})
+    base = comp.baseline.aggregate["current"]
+    out = {"model": "SmolLM2-135M-Instruct (embedded)", "n": args.n, "layer": args.layer, "early": args.early,
+           "protocol": "independent (each request edited alone from the unedited model, scored, undone)",
+           "unedited": {m: vars(base[m]) for m in METRICS if m in base}, "methods": table,
+           "key_minus_value": diffs, "wall_seconds": time.perf_counter() - started,
+           "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "note": "shared machine, loaded"}}
+    (RESULTS / "keys_vs_values_independent.json").write_text(json.dumps(out, indent=1))
+    lines = [f"# Keys vs values, independent edits, {args.n} bundled facts (embedded model)", "",
+             "| method | side | n | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS),
+             "| unedited | | " + str(args.n) + " | " + " | ".join(str(base.get(m, "")) for m in METRICS) + " |"]
+    for name, rep in comp.reports.items():
+        agg = rep.aggregate["after"]
+        lines.append(f"| {name} | {comp.sides.get(name, '')} | {len(rep.cases)} | "
+                     + " | ".join(str(agg.get(m, "")) for m in METRICS) + " |")
+    lines += ["", "## key − value, paired bootstrap 95 % CI (same requests)", "",
+              "| pair | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for d in diffs:
+        cells = [f"{d[m]['mean']:+.1f} [{d[m]['low']:+.1f}, {d[m]['high']:+.1f}]" if m in d else "" for m in METRICS]
+        lines.append(f"| {d['key']} − {d['value']} | " + " | ".join(cells) + " |")
+    lines += ["", (f"x100; CounterFact (S ES PS NS EM PM NM) and zsRE (Efficacy Paraphrase Specificity) "
+                   f"conventions. L = {args.layer} (the ROME preset's layer), early = {args.early}. Wall time so "
+                   f"far {out['wall_seconds']:.0f} s on a shared, loaded 2-core CPU.")]
+    (RESULTS / "keys_vs_values_independent.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "keys_vs_values_independent_figure.json").write_text(comparison_figure(comp).to_json())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--layer", type=int, default=8)
+    ap.add_argument("--early", type=int, default=2)
+    ap.add_argument("--methods", nargs="*", default=None, help="names as in methods(); default all")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    RESULTS.mkdir(exist_ok=True)
+    model = kv.load()
+    cases = kv.load_bundled()[: args.n]
+    if len(cases) < args.n:
+        raise SystemExit(f"only {len(cases)} bundled facts; pass --n <= {len(cases)}")
+    chosen = methods(args.layer, args.early)
+    names = args.methods or list(chosen)
+    started = time.perf_counter()
+    baseline = kv.evaluate(model, cases)
+    reports, sides, seconds = {}, {}, {}
+    for name in names:
+        factory, sides[name] = chosen[name]
+        t0 = time.perf_counter()
+        reports[name] = kv.evaluate_each(model, factory(), cases, baseline=baseline, label=name)
+        seconds[name] = time.perf_counter() - t0
+        comp = Comparison(baseline, reports, sides, seconds, "independent")
+        print(f"{name}: {seconds[name]:.0f} s; S {reports[name].aggregate['after'].get('S')}", flush=True)
+        write(comp, args, seconds, started)
+
+if __name__ == "__main__":
+    main()
