@@ -21,9 +21,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kvlens import corpus, metrics
-from kvlens.causal import (CausalTrace, SeveredTrace, TraceSummary, noise_scale, sever, suggest_edit_layers,
-                           trace, trace_many)
+from kvlens import corpus, metrics, tuning
+from kvlens.causal import (CausalTrace, LayerChoice, SeveredTrace, TraceSummary, choose_edit_layers, noise_scale,
+                           pool_edit_layers, sever, suggest_edit_layers, trace, trace_many)
 from kvlens.corpus import Corpus
 from kvlens.datasets import (EvalCase, load_bundled, load_counterfact, load_json, load_reference_texts,
                              load_zsre)
@@ -38,6 +38,7 @@ from kvlens.memory.intervene import Intervention, Prediction, intervene, predict
 from kvlens.memory.lens import Composition, LogitLens, composition, logit_lens
 from kvlens.memory.triggers import TriggerExamples, trigger_examples
 from kvlens.memory.vocab import FoundMemories, VocabProjection, find_memories, values
+from kvlens.tuning import TuneHParams, TuningComparison, tune_keys_vs_values
 from kvlens.models import (ArchSpec, Batch, KVModel, Site, UnknownArchitectureError, cache_dir, get_arch,
                            load, register_arch, registered_types, wrap)
 
@@ -67,10 +68,12 @@ __all__ = [
     "Corpus", "EditHistory", "EditReport", "EditRequest", "EvalCase", "FoundMemories", "GateFT",
     "Intervention", "KVModel", "KeyActivations", "KeyFT", "LoRAGates", "LoRAKeys", "LoRAValues", "LogitLens",
     "Prediction", "SeveredTrace", "Site", "TopMemories", "TraceSummary", "TriggerExamples",
-    "UnknownArchitectureError", "ValueFT", "VocabProjection", "WeightDelta", "available_methods", "cache_dir",
+    "UnknownArchitectureError", "ValueFT", "LayerChoice", "choose_edit_layers", "pool_edit_layers",
+    "VocabProjection", "WeightDelta", "available_methods", "cache_dir",
     "compare_methods", "composition", "contributions", "corpus", "evaluate", "find_memories", "get_arch",
     "get_method", "intervene", "keys", "keys_vs_values", "load", "load_bundled", "load_counterfact",
     "load_json", "load_reference_texts", "load_zsre", "logit_lens", "metrics", "noise_scale", "predict",
     "register_arch", "register_method", "registered_types", "scaling", "sever", "suggest_edit_layers",
-    "trace", "trace_many", "trigger_examples", "values", "wrap", *_LAZY,
+    "trace", "trace_many", "trigger_examples", "TuneHParams", "TuningComparison", "tune_keys_vs_values", "tuning",
+    "values", "wrap", *_LAZY,
 ]
