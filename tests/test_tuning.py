@@ -285,3 +285,21 @@ def test_figure_and_report_section(tuned):
         tuning_bars(result, "f1")
     (section,) = to_sections(result)
     assert section.table and len(section.all_figures()) == 2 and section.params["hparams"]["rank"] == 8
+
+
+def test_four_bit_option_trains_a_quantized_copy_and_leaves_the_model_alone():
+    pytest.importorskip("bitsandbytes")
+    from kvlens.tuning.train import quantized_copy
+
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in model.hf.state_dict().items()}
+    with quantized_copy(model) as copy:
+        kinds = {type(m).__name__ for m in copy.hf.modules()}
+        assert "Linear4bit" in kinds and copy.prefix == model.prefix
+        assert copy.hf.get_submodule(lora_targets(copy, "+keys")[-1]).weight.quant_type == "nf4"
+    hp = TuneHParams.preset("qiu2024-4bit", epochs=1, batch_size=8, grad_accum=1)
+    result = kv.tune_keys_vs_values(model, [parity()], variants=["+keys"], hparams=hp, baseline=False,
+                                    n_boot=20, progress=False)
+    assert result.rows == ("+keys",) and result.logs["+keys"]["steps"] == 3
+    assert all(torch.equal(before[k], v) for k, v in model.hf.state_dict().items())
+    assert "Linear4bit" not in {type(m).__name__ for m in model.hf.modules()}

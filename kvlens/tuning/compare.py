@@ -10,7 +10,6 @@ present, the memory budget); the user's model is left bit-identical.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -20,8 +19,8 @@ from kvlens.models.kvmodel import KVModel
 from kvlens.tuning.hparams import TuneHParams
 from kvlens.tuning.score import TaskScore, evaluate_tasks
 from kvlens.tuning.tasks import Task, check_tokenization, load_bundled_tasks
-from kvlens.tuning.train import (adapters, check_no_adapters, check_variants, lora_targets, plan_batch,
-                                 quantized_copy, train, training_rows)
+from kvlens.tuning.train import (check_no_adapters, check_variants, lora_targets, plan_batch, train,
+                                 training_rows, tuned_model)
 
 BASELINE = "untuned"
 
@@ -134,10 +133,8 @@ def tune_keys_vs_values(model: KVModel, tasks: Sequence[Task] | None = None, *,
         logs[BASELINE] = {"eval_s": time.perf_counter() - t0}
     for v in variants:
         t0 = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            target = stack.enter_context(quantized_copy(model)) if hp.quantize else model
-            stack.enter_context(adapters(target, targets[v], hp))
-            log = train(target, rows, hp, plan, progress=progress)
+        with tuned_model(model, targets[v], hp) as (target, trainee):
+            log = train(target, rows, hp, plan, trainee=trainee, progress=progress)
             t1 = time.perf_counter()
             res = evaluate_tasks(target, tasks, **ev)
         scores[v], overall[v] = res["tasks"], res["overall"]

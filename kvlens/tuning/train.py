@@ -237,15 +237,37 @@ def quantized_copy(model: KVModel) -> Iterator[KVModel]:
             torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def tuned_model(model: KVModel, names: list[str], hp: TuneHParams) -> Iterator[tuple[KVModel, Any]]:
+    """``(model to score, module to train)`` with fresh adapters on ``names``; cleaned up on exit.
+
+    Full precision: the user's model with adapters injected (:func:`adapters`). ``quantize="nf4"``:
+    a 4-bit copy wrapped by peft's ``get_peft_model`` (transformers' Trainer trains quantized
+    weights only through a ``PeftModel``), discarded on exit.
+    """
+    if hp.quantize is None:
+        with adapters(model, names, hp):
+            yield model, model.hf
+        return
+    from peft import get_peft_model
+
+    with quantized_copy(model) as copy:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed)
+            peft_model = get_peft_model(copy.hf, lora_config(names, hp, copy))
+        yield copy, peft_model
+
+
 def train(model: KVModel, rows: list[dict[str, list[int]]], hp: TuneHParams, plan: BatchPlan, *,
-          progress: bool = True) -> dict[str, Any]:
-    """Train the model's (already injected) adapters on ``rows`` with transformers' Trainer.
+          trainee: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Train the adapters of ``trainee`` (default ``model.hf``, adapters injected) on ``rows`` with Trainer.
 
     Returns the Trainer's log (loss per logging step, runtime) for the record.
     """
+    trainee = model.hf if trainee is None else trainee
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    for n, p in model.hf.named_parameters():
+    for n, p in trainee.named_parameters():
         p.requires_grad_("lora_" in n)
     cpu = model.device.type != "cuda"
     steps = math.ceil(hp.epochs * math.ceil(len(rows) / (plan.batch_size * plan.grad_accum)))
@@ -258,12 +280,12 @@ def train(model: KVModel, rows: list[dict[str, list[int]]], hp: TuneHParams, pla
             save_strategy="no", report_to="none", disable_tqdm=not progress, use_cpu=cpu,
             remove_unused_columns=False, dataloader_num_workers=0,
             bf16=(not cpu) and hp.quantize is not None)
-        trainer = Trainer(model=model.hf, args=args, train_dataset=rows,  # a list is a map-style dataset
+        trainer = Trainer(model=trainee, args=args, train_dataset=rows,  # a list is a map-style dataset
                           data_collator=Collate(model.tokenizer.pad_token_id))
         if not progress:
             trainer.remove_callback(PrinterCallback)  # its per-step log lines
         result = trainer.train()
-    model.hf.eval()
+    trainee.eval()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": float(result.training_loss), "losses": losses, "steps": int(result.global_step),
             "runtime_s": float(result.metrics.get("train_runtime", math.nan))}
