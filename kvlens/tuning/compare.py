@@ -125,7 +125,7 @@ def tune_keys_vs_values(model: KVModel, tasks: Sequence[Task] | None = None, *,
     scores: dict[str, dict[str, TaskScore]] = {}
     overall: dict[str, tuple[Estimate, Estimate]] = {}
     logs: dict[str, dict[str, Any]] = {}
-    ev = dict(hp=hp, batch_size=eval_batch_size, n_boot=n_boot, seed=hp.seed)
+    ev: dict[str, Any] = {"hp": hp, "batch_size": eval_batch_size, "n_boot": n_boot, "seed": hp.seed}
     if baseline:
         t0 = time.perf_counter()
         res = evaluate_tasks(model, tasks, **ev)

@@ -29,7 +29,7 @@ class TuneHParams:
     """LoRA task-tuning settings (peft ``LoraConfig`` + transformers ``TrainingArguments``)."""
 
     rank: int = 8
-    alpha: float = 16.0
+    alpha: int = 16
     dropout: float = 0.1
     lr: float = 2e-4
     schedule: str = "constant"
@@ -45,11 +45,11 @@ class TuneHParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch_size", "grad_accum", "max_length"):
+        for name in ("rank", "alpha", "batch_size", "grad_accum", "max_length"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TuneHParams.{name} must be a positive integer, got {v!r}")
-        for name in ("alpha", "lr", "max_grad_norm", "epochs"):
+        for name in ("lr", "max_grad_norm", "epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TuneHParams.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.dropout < 1:

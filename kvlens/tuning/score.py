@@ -87,7 +87,7 @@ def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
     return float(np.mean(2 * tp[used] / denom[used])) if used.any() else 0.0
 
 
-def _percentile(boots: Sequence[float]) -> tuple[float, float]:
+def _percentile(boots: Sequence[float] | np.ndarray) -> tuple[float, float]:
     low, high = np.percentile(np.asarray(boots), [2.5, 97.5])
     return float(low), float(high)
 

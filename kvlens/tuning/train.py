@@ -203,7 +203,7 @@ def adapters(model: KVModel, names: list[str], hp: TuneHParams) -> Iterator[KVMo
             _restore_modules(model.hf)
         model.hf.__dict__.pop("peft_config", None)
         if had_config:
-            model.hf.peft_config = saved_config
+            setattr(model.hf, "peft_config", saved_config)  # noqa: B010 (nn.Module's typing hides it)
         for n, p in model.hf.named_parameters():
             p.requires_grad_(grads.get(n, False))
         model.hf.train(training)
@@ -223,8 +223,9 @@ def quantized_copy(model: KVModel) -> Iterator[KVModel]:
     compute = torch.bfloat16 if model.device.type == "cuda" else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
+    source: Any = model.hf
     with tempfile.TemporaryDirectory(prefix="kvlens-nf4-") as tmp:
-        model.hf.save_pretrained(tmp)
+        source.save_pretrained(tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=compute,
                                                   device_map={"": model.device})
     hf = prepare_model_for_kbit_training(hf, use_gradient_checkpointing=model.device.type == "cuda")
@@ -264,10 +265,10 @@ def train(model: KVModel, rows: list[dict[str, list[int]]], hp: TuneHParams, pla
 
     Returns the Trainer's log (loss per logging step, runtime) for the record.
     """
-    trainee = model.hf if trainee is None else trainee
+    module: Any = model.hf if trainee is None else trainee
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    for n, p in trainee.named_parameters():
+    for n, p in module.named_parameters():
         p.requires_grad_("lora_" in n)
     cpu = model.device.type != "cuda"
     steps = math.ceil(hp.epochs * math.ceil(len(rows) / (plan.batch_size * plan.grad_accum)))
@@ -280,12 +281,12 @@ def train(model: KVModel, rows: list[dict[str, list[int]]], hp: TuneHParams, pla
             save_strategy="no", report_to="none", disable_tqdm=not progress, use_cpu=cpu,
             remove_unused_columns=False, dataloader_num_workers=0,
             bf16=(not cpu) and hp.quantize is not None)
-        trainer = Trainer(model=trainee, args=args, train_dataset=rows,  # a list is a map-style dataset
+        trainer = Trainer(model=module, args=args, train_dataset=rows,  # a list is a map-style dataset
                           data_collator=Collate(model.tokenizer.pad_token_id))
         if not progress:
             trainer.remove_callback(PrinterCallback)  # its per-step log lines
         result = trainer.train()
-    trainee.eval()
+    module.eval()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"train_loss": float(result.training_loss), "losses": losses, "steps": int(result.global_step),
             "runtime_s": float(result.metrics.get("train_runtime", math.nan))}
