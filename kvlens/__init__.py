@@ -21,12 +21,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kvlens import corpus, metrics
+from kvlens import corpus, metrics, tuning
 from kvlens.causal import (
     CausalTrace,
+    LayerChoice,
     SeveredTrace,
     TraceSummary,
+    choose_edit_layers,
     noise_scale,
+    pool_edit_layers,
     sever,
     suggest_edit_layers,
     trace,
@@ -73,6 +76,7 @@ from kvlens.models import (
     registered_types,
     wrap,
 )
+from kvlens.tuning import TuneHParams, TuningComparison, tune_keys_vs_values
 from kvlens.version import package_version
 
 __version__ = package_version("kvlens", default="0+unknown")
@@ -102,11 +106,13 @@ __all__ = [
     "IndependentReport",
     "Intervention", "KVModel", "KeyActivations", "KeyFT", "LoRAGates", "LoRAKeys", "LoRAValues", "LogitLens",
     "Prediction", "SeveredTrace", "Site", "TopMemories", "TraceSummary", "TriggerExamples",
-    "UnknownArchitectureError", "ValueFT", "VocabProjection", "WeightDelta", "available_methods", "cache_dir",
+    "UnknownArchitectureError", "ValueFT", "LayerChoice", "choose_edit_layers", "pool_edit_layers", "VocabProjection",
+    "WeightDelta", "available_methods", "cache_dir",
     "compare_methods", "composition", "contributions", "corpus", "evaluate", "evaluate_each",
     "find_memories", "get_arch",
     "get_method", "intervene", "keys", "keys_vs_values", "load", "load_bundled", "load_counterfact",
     "load_json", "load_reference_texts", "load_zsre", "logit_lens", "metrics", "noise_scale", "predict",
     "register_arch", "register_method", "registered_types", "scaling", "sever", "suggest_edit_layers",
-    "trace", "trace_many", "trigger_examples", "values", "wrap", *_LAZY,
+    "trace", "trace_many", "trigger_examples", "TuneHParams", "TuningComparison", "tune_keys_vs_values", "tuning",
+    "values", "wrap", *_LAZY,
 ]

@@ -324,6 +324,24 @@ def load_hub(name: str, *, split: str | None = None, revision: str | None = None
         raise ValueError(f"hub dataset id must be a non-empty string, got {name!r}")
     if Path(name).expanduser().is_file():
         return load_json(name, limit)
+    loaded = hub_dataset(name, revision=revision, timeout=timeout, kind=kind, **load_kwargs)
+    if split is None:
+        split = "train" if "train" in loaded else next(iter(loaded))
+    if split not in loaded:
+        raise ValueError(f"{name!r} has no split {split!r}; its splits: {list(loaded)}")
+    rows = loaded[split]
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    return from_records(rows)
+
+
+def hub_dataset(name: str, *, revision: str | None = None, timeout: float = 10.0, kind: str = "dataset",
+                hint: str | None = None, **load_kwargs: Any) -> Any:
+    """``datasets.load_dataset(name, ...)``, failing fast with :class:`DatasetUnavailableError` offline.
+
+    ``hint`` replaces the default advice on using a local file instead.
+    """
+    hint = _offline_hint(name, kind) if hint is None else hint
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if not offline:
         from huggingface_hub import HfApi
@@ -333,25 +351,17 @@ def load_hub(name: str, *, split: str | None = None, revision: str | None = None
         except Exception as e:  # connection errors, timeouts, 404s, gated repos
             raise DatasetUnavailableError(
                 f"cannot reach {kind} {name!r} (revision {revision or 'default'}) on the Hugging Face hub: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {_offline_hint(name, kind)}"
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {hint}"
             ) from None
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name, revision=revision, **load_kwargs)
+        return datasets.load_dataset(name, revision=revision, **load_kwargs)
     except Exception as e:
         raise DatasetUnavailableError(
             f"could not load {kind} {name!r}{' from the local cache (HF_HUB_OFFLINE is set)' if offline else ''}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {_offline_hint(name, kind)}"
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {hint}"
         ) from None
-    if split is None:
-        split = "train" if "train" in loaded else next(iter(loaded))
-    if split not in loaded:
-        raise ValueError(f"{name!r} has no split {split!r}; its splits: {list(loaded)}")
-    rows = loaded[split]
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    return from_records(rows)
 
 
 def load_counterfact(source: str = COUNTERFACT_HUB_ID, **kwargs: Any) -> list[EvalCase]:

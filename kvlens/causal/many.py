@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvlens.causal.severed import SeveredTrace, sever
+from kvlens.causal.severed import LayerChoice, SeveredTrace, pool_edit_layers, sever
 from kvlens.causal.trace import CausalTrace, check_kinds, trace
 from kvlens.memory.intervene import predict
 from kvlens.metrics import mean_half_width
@@ -74,9 +74,16 @@ class TraceSummary:
     def severed_mean(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Mean and CI half-width per layer of each severed-path effect curve."""
         if not self.severed:
-            raise ValueError("no severed paths in this summary: call trace_many(..., sever=True)")
+            raise ValueError("no severed paths in this summary: call trace_many(..., sever_paths=True)")
         stats = {c: mean_half_width(torch.stack([s.effect(c) for s in self.severed])) for c in self.severed[0].curves}
         return {c: m for c, (m, _) in stats.items()}, {c: h for c, (_, h) in stats.items()}
+
+    def edit_layers(self, size: int | None = None, share: float = 0.6, *, n_boot: int = 1000,
+                    seed: int = 0) -> LayerChoice:
+        """The MLP edit range pooled over this summary's severed paths, with its bootstrap interval."""
+        if not self.severed:
+            raise ValueError("no severed paths in this summary: call trace_many(..., sever_paths=True)")
+        return pool_edit_layers(self.severed, size, share, n_boot=n_boot, seed=seed)
 
 
 def _known(model: KVModel, prompt: str, target: str | None) -> bool:
@@ -124,3 +131,33 @@ def trace_many(model: KVModel, facts: Iterable[Any], *, kind: str | Sequence[str
     return TraceSummary(kinds, GROUPS, per_fact, {k: m for k, (m, _) in stats.items()},
                         {k: h for k, (_, h) in stats.items()}, kept, skipped, traces, severed,
                         dict(options, only_correct=only_correct, model=model.name))
+
+
+def choose_edit_layers(model: KVModel, facts: Iterable[Any], size: int | None = None, share: float = 0.6, *,
+                       n_boot: int = 1000, boot_seed: int = 0, only_correct: bool = True, progress: bool = True,
+                       **options: Any) -> LayerChoice:
+    """The recommended way to pick MEMIT's layer range: severed paths of many facts, pooled.
+
+    Runs :func:`sever` on every fact the model knows (``only_correct``, as :func:`trace_many`)
+    and applies :func:`~kvlens.causal.severed.pool_edit_layers`: the range of the pooled gap,
+    a bootstrap interval over facts, and each fact's own range. ``options`` go to :func:`sever`
+    (samples, noise, seed of the noise, mode, ...); ``boot_seed`` seeds the bootstrap.
+    """
+    from tqdm.auto import tqdm
+
+    facts = [as_fact(f) for f in facts]
+    if len(facts) < 2:
+        raise ValueError(f"choose_edit_layers pools facts: give at least two (ideally 20 or more), got {len(facts)}")
+    severed, skipped = [], 0
+    for prompt, subject, target in tqdm(facts, desc="severed paths", disable=not progress):
+        text = fill(prompt, subject) if "{}" in prompt else prompt
+        if only_correct and not _known(model, text, target):
+            skipped += 1
+            continue
+        severed.append(sever(model, prompt, subject, target, progress=False, **options))
+    if len(severed) < 2:
+        raise ValueError(f"only {len(severed)} of {len(facts)} facts are known by the model (clean top-1 = target); "
+                         "pooling needs two or more: give more facts or pass only_correct=False")
+    choice = pool_edit_layers(severed, size, share, n_boot=n_boot, seed=boot_seed)
+    choice.params.update(skipped=skipped, only_correct=only_correct)
+    return choice

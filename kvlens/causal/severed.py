@@ -110,20 +110,32 @@ def suggest_edit_layers(severed: SeveredTrace | Sequence[SeveredTrace], size: in
     contiguous window of ``size`` layers with the largest total contribution, or, with ``size``
     None, the shortest window holding at least ``share`` of the total (ties: the earliest).
     ``size=1`` gives a single ROME layer.
+
+    One fact's range varies a lot between facts of the same model (issue 15: from 1–15 to
+    15–19 on facts of one model): pool many facts with :func:`pool_edit_layers` (or
+    :func:`kvlens.causal.choose_edit_layers`), which also gives a bootstrap interval.
     """
     traces = [severed] if isinstance(severed, SeveredTrace) else list(severed)
     if not traces:
         raise ValueError("suggest_edit_layers needs at least one SeveredTrace")
-    if not 0 < share <= 1:
-        raise ValueError(f"share must be in (0, 1], got {share}")
-    gap = torch.stack([t.gap for t in traces]).mean(0)
-    drop = mlp_contribution(gap)
-    n = drop.shape[0]
-    if size is not None and not 1 <= size <= n:
-        raise ValueError(f"size must be between 1 and the model's {n} layers, got {size}")
+    check_window(size, share, traces[0].n_layers)
+    drop = mlp_contribution(torch.stack([t.gap for t in traces]).mean(0))
     if float(drop.sum()) <= 0:
         warnings.warn("the MLP-severed curve never falls below the normal one: no MLP range stands out; "
                       "the suggestion is arbitrary (trace more facts, or facts the model knows)", stacklevel=2)
+    return best_window(drop, size, share)
+
+
+def check_window(size: int | None, share: float, n_layers: int) -> None:
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    if size is not None and not 1 <= size <= n_layers:
+        raise ValueError(f"size must be between 1 and the model's {n_layers} layers, got {size}")
+
+
+def best_window(drop: torch.Tensor, size: int | None, share: float) -> range:
+    """The window rule of :func:`suggest_edit_layers` on per-layer contributions ``drop``."""
+    n = drop.shape[0]
     csum = torch.cat([torch.zeros(1, dtype=drop.dtype), drop.cumsum(0)])
     total = float(csum[-1])
     for width in ([size] if size is not None else range(1, n + 1)):
@@ -132,3 +144,73 @@ def suggest_edit_layers(severed: SeveredTrace | Sequence[SeveredTrace], size: in
         if size is not None or total <= 0 or float(sums[best]) >= share * total:
             return range(best, best + width)
     return range(0, n)
+
+
+@dataclass
+class LayerChoice:
+    """An edit range pooled over many facts, its bootstrap interval, and every fact's own range.
+
+    ``layers`` is :func:`suggest_edit_layers` on all facts together. The bootstrap resamples the
+    facts with replacement ``n_boot`` times and applies the same rule to each resample:
+    ``start_ci`` / ``stop_ci`` are the 2.5 and 97.5 percentiles of the first and last layer of
+    the range, ``agreement`` the share of resamples that give exactly ``layers``, and
+    ``per_fact`` each fact's own range (its spread is what pooling removes).
+    """
+
+    layers: range
+    start_ci: tuple[float, float]
+    stop_ci: tuple[float, float]
+    agreement: float
+    per_fact: list[range]
+    contribution: torch.Tensor  # [layers] pooled MLP contribution (mlp_contribution of the mean gap)
+    per_fact_contribution: torch.Tensor  # [facts, layers]
+    boot_ranges: list[range]
+    subjects: list[str]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_facts(self) -> int:
+        return len(self.per_fact)
+
+    @property
+    def last(self) -> int:
+        return self.layers.stop - 1
+
+    def __str__(self) -> str:
+        return (f"MLP edit layers {self.layers.start}–{self.last} pooled over {self.n_facts} facts "
+                f"(bootstrap 95 %: first layer {self.start_ci[0]:g}–{self.start_ci[1]:g}, last layer "
+                f"{self.stop_ci[0]:g}–{self.stop_ci[1]:g}; {100 * self.agreement:.0f} % of resamples agree); "
+                f"single facts range from {min(r.start for r in self.per_fact)} to "
+                f"{max(r.stop for r in self.per_fact) - 1}")
+
+
+def pool_edit_layers(severed: Sequence[SeveredTrace], size: int | None = None, share: float = 0.6, *,
+                     n_boot: int = 1000, seed: int = 0) -> LayerChoice:
+    """The edit range of :func:`suggest_edit_layers` over all ``severed`` traces, with a bootstrap over facts."""
+    traces = list(severed)
+    if len(traces) < 2:
+        raise ValueError(f"pooling needs at least two facts' severed traces, got {len(traces)}; "
+                         "trace more facts (kvlens.causal.choose_edit_layers)")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    layers = {t.n_layers for t in traces}
+    if len(layers) != 1:
+        raise ValueError(f"the traces come from models with different layer counts {sorted(layers)}")
+    check_window(size, share, traces[0].n_layers)
+    gaps = torch.stack([t.gap for t in traces]).double()  # [facts, layers]
+    per_fact_drop = torch.stack([mlp_contribution(g) for g in gaps])
+    pooled = mlp_contribution(gaps.mean(0))
+    if float(pooled.sum()) <= 0:
+        warnings.warn("over these facts the MLP-severed curve never falls below the normal one: no MLP range "
+                      "stands out; the suggestion is arbitrary (use facts the model knows)", stacklevel=2)
+    idx = torch.randint(0, len(traces), (n_boot, len(traces)), generator=torch.Generator().manual_seed(seed))
+    boots = [best_window(mlp_contribution(gaps[i].mean(0)), size, share) for i in idx]
+    chosen = best_window(pooled, size, share)
+    starts = torch.tensor([float(r.start) for r in boots])
+    lasts = torch.tensor([float(r.stop - 1) for r in boots])
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    sq, lq = torch.quantile(starts.double(), q).tolist(), torch.quantile(lasts.double(), q).tolist()
+    return LayerChoice(chosen, (sq[0], sq[1]), (lq[0], lq[1]), sum(r == chosen for r in boots) / n_boot,
+                       [best_window(d, size, share) for d in per_fact_drop], pooled, per_fact_drop, boots,
+                       [t.subject for t in traces],
+                       {**traces[0].params, "size": size, "share": share, "n_boot": n_boot, "boot_seed": seed})

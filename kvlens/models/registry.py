@@ -15,23 +15,25 @@ from kvlens.models.spec import ArchSpec
 _GPT2 = ArchSpec(
     model_type="gpt2", layers="transformer.h", embedding="transformer.wte",
     final_norm="transformer.ln_f", unembedding="lm_head", attn="attn", mlp="mlp",
-    key="c_fc", value="c_proj", activation="act", conv1d=True,
+    key="c_fc", value="c_proj", activation="act", conv1d=True, attn_lora=("c_attn",),
 )
 _GPTJ = ArchSpec(
     model_type="gptj", layers="transformer.h", embedding="transformer.wte",
     final_norm="transformer.ln_f", unembedding="lm_head", attn="attn", mlp="mlp",
     key="fc_in", value="fc_out", activation="act", parallel_residual=True,
+    attn_lora=("q_proj", "v_proj"),
 )
 _NEOX = ArchSpec(
     model_type="gpt_neox", layers="gpt_neox.layers", embedding="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm", unembedding="lm_head", attn="attention",
     mlp="mlp", key="dense_h_to_4h", value="dense_4h_to_h", activation="act",
-    parallel_residual=True, parallel_residual_attr="use_parallel_residual",
+    parallel_residual=True, parallel_residual_attr="use_parallel_residual", attn_lora=("query_key_value",),
 )
 _LLAMA = ArchSpec(
     model_type="llama", layers="model.layers", embedding="model.embed_tokens",
     final_norm="model.norm", unembedding="lm_head", attn="self_attn", mlp="mlp",
     key="up_proj", gate="gate_proj", value="down_proj", activation="act_fn",
+    attn_lora=("q_proj", "v_proj"),
 )
 
 #: Families whose modules match Llama's names (each checked by the registry test) and whose FFN

@@ -36,6 +36,9 @@ class ArchSpec:
         conv1d: True when FFN weights are stored ``[in, out]`` (GPT-2 Conv1D).
         parallel_residual: True when attention and MLP read the same residual (GPT-J).
         parallel_residual_attr: config attribute that decides it per checkpoint (NeoX).
+        attn_lora: the attention projections inside ``attn`` that standard LoRA adapts (the
+            query and value projections, Hu et al. 2021; the fused ``c_attn`` /
+            ``query_key_value`` where a family fuses them). Empty: not known for the family.
     """
 
     model_type: str
@@ -52,6 +55,7 @@ class ArchSpec:
     conv1d: bool = False
     parallel_residual: bool = False
     parallel_residual_attr: str | None = None
+    attn_lora: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("model_type", "layers", "embedding", "final_norm", "unembedding",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvlens.causal.many import TraceSummary
-from kvlens.causal.severed import SeveredTrace, suggest_edit_layers
+from kvlens.causal.severed import LayerChoice, SeveredTrace, suggest_edit_layers
 from kvlens.causal.trace import CausalTrace
 from kvlens.views import trace_figures
 from kvlens.views.renderers import to_sections
@@ -63,3 +63,12 @@ def _summary(result: TraceSummary) -> list[Section]:
                         params={**result.params, "kind": kind, "groups": list(result.groups)})
                 for kind in result.kinds]
     return sections
+
+
+@to_sections.register
+def _layer_choice(result: LayerChoice) -> list[Section]:
+    return [Section(f"Locate: MLP edit layers pooled over {result.n_facts} facts", text=str(result) + ".",
+                    figure=trace_figures.layer_choice_chart(result),
+                    params={**result.params, "layers": [result.layers.start, result.last],
+                            "first_layer_ci": list(result.start_ci), "last_layer_ci": list(result.stop_ci),
+                            "agreement": result.agreement})]

@@ -73,7 +73,7 @@ def _mapping(result: Mapping[str, Any]) -> list[Section]:
 #: Views modules that register renderers for the results they draw (imported on first use, so
 #: that importing the report does not import every verb).
 RENDERER_MODULES: tuple[str, ...] = ("kvlens.views.render_memory", "kvlens.views.render_edit",
-                                     "kvlens.views.render_causal")
+                                     "kvlens.views.render_causal", "kvlens.views.render_tuning")
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from kvlens.causal.many import TraceSummary
-from kvlens.causal.severed import CURVES, SeveredTrace, suggest_edit_layers
+from kvlens.causal.severed import CURVES, LayerChoice, SeveredTrace, suggest_edit_layers
 from kvlens.causal.trace import CausalTrace
 
 COLORSCALES = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -119,4 +119,45 @@ def average_curves(summary: TraceSummary, kind: str = "hidden") -> go.Figure:
                 fig.add_trace(tr)
     fig.update_layout(title=f"Average indirect effect of {NAMES[kind]} over {summary.n_facts} facts (95 % CI)",
                       xaxis_title="layer", yaxis_title="average indirect effect", height=420, autosize=True)
+    return fig
+
+
+def layer_choice_chart(choice: LayerChoice) -> go.Figure:
+    """The pooled edit range with its bootstrap interval, above every fact's own range.
+
+    Top: the pooled MLP contribution per layer (:func:`~kvlens.causal.severed.mlp_contribution`
+    of the mean gap), the chosen range shaded, whiskers on its first and last layer spanning
+    their bootstrap 95 % intervals. Bottom: one segment per fact, its own suggested range, sorted
+    by first layer, so the spread that pooling removes is visible.
+    """
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.4, 0.6],
+                        subplot_titles=("pooled MLP contribution (drop of the severed-MLP gap)",
+                                        f"each fact's own range ({choice.n_facts} facts)"))
+    n = int(choice.contribution.shape[0])
+    fig.add_trace(go.Bar(x=list(range(n)), y=choice.contribution.tolist(), marker_color=_LINE["mlp_severed"],
+                         name="pooled contribution", hovertemplate="layer %{x}: %{y:.4f}<extra></extra>"), row=1, col=1)
+    top = float(choice.contribution.max()) if n else 0.0
+    for value, (lo, hi), label in ((choice.layers.start, choice.start_ci, "first"),
+                                   (choice.last, choice.stop_ci, "last")):
+        fig.add_trace(go.Scatter(x=[value], y=[1.08 * top], mode="markers", marker=dict(color="black", size=9),
+                                 error_x=dict(type="data", symmetric=False, array=[hi - value], arrayminus=[value - lo]),
+                                 name=f"{label} layer, bootstrap 95 %", showlegend=label == "first",
+                                 hovertemplate=f"{label} layer %{{x}} (95 %: {lo:g}–{hi:g})<extra></extra>"),
+                      row=1, col=1)
+    order = sorted(range(choice.n_facts), key=lambda i: (choice.per_fact[i].start, choice.per_fact[i].stop))
+    for rank, i in enumerate(order):
+        r = choice.per_fact[i]
+        fig.add_trace(go.Scatter(x=[r.start - 0.4, r.stop - 0.6], y=[rank, rank], mode="lines",
+                                 line=dict(color="#6a3d9a", width=5), showlegend=rank == 0, name="one fact's range",
+                                 legendgroup="facts", hovertemplate=(f"{choice.subjects[i]!r}: layers {r.start}–"
+                                                                     f"{r.stop - 1}<extra></extra>")), row=2, col=1)
+    for row in (1, 2):
+        fig.add_vrect(x0=choice.layers.start - 0.5, x1=choice.layers.stop - 0.5, fillcolor="gold", opacity=0.2,
+                      line_width=0, row=row, col=1)
+    fig.update_xaxes(title_text="MLP layer", row=2, col=1)
+    fig.update_yaxes(title_text="contribution", row=1, col=1)
+    fig.update_yaxes(title_text="fact (sorted)", showticklabels=False, row=2, col=1)
+    fig.update_layout(title=(f"MLP edit layers {choice.layers.start}–{choice.last} pooled over {choice.n_facts} facts "
+                             f"({100 * choice.agreement:.0f} % of {len(choice.boot_ranges)} bootstrap resamples agree)"),
+                      height=360 + 10 * choice.n_facts, width=760)
     return fig
