@@ -120,8 +120,10 @@ class KVModel:
     """
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, spec: ArchSpec, *,
-                 name: str = "", prefix: str = "") -> None:
+                 name: str = "", prefix: str = "", nn_model: Any = None, remote: bool | str = False) -> None:
         self.hf = hf_model
+        #: where forwards through :mod:`kvlens.tracing` run by default (see ``tracing.Remote``)
+        self.remote: bool | str = remote
         self.tokenizer = tokenizer
         self.spec = spec
         self.name = name or getattr(hf_model.config, "name_or_path", "") or spec.model_type
@@ -138,7 +140,22 @@ class KVModel:
             tokenizer.pad_token = tokenizer.eos_token
         hf_model.eval()
         hf_model.requires_grad_(False)
-        self.nn = TransformersModel(hf_model, tokenizer=tokenizer)
+        self.nn = TransformersModel(hf_model, tokenizer=tokenizer) if nn_model is None else nn_model
+
+    # ---- where the weights are -----------------------------------------------------------
+    @property
+    def local_weights(self) -> bool:
+        """False for a model built without its weights (``kv.load(name, remote=True)``)."""
+        return not self.embedding.weight.is_meta
+
+    def require_local(self, what: str) -> None:
+        """Refuse ``what`` (before any work) when this model has no local weights."""
+        if not self.local_weights:
+            raise RuntimeError(
+                f"{what} needs the model's weights here, but {self.name} was loaded with remote={self.remote!r} "
+                "(nnsight's meta loading: no local weights). It can run remotely: trace/sever (mode='plain'), "
+                "keys, values, find_memories, logit_lens, intervene, and a value-side delta as "
+                "delta.writes(model); for this, load the model locally: kv.load(name)")
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -163,7 +180,9 @@ class KVModel:
 
     @property
     def device(self) -> torch.device:
-        return self.hf.get_submodule(self.spec.embedding).weight.device
+        """Where inputs go: the embedding's device (the CPU for a model without local weights)."""
+        weight = self.hf.get_submodule(self.spec.embedding).weight
+        return torch.device("cpu") if weight.is_meta else weight.device
 
     @property
     def dtype(self) -> torch.dtype:
