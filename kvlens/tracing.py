@@ -45,6 +45,58 @@ def trace_options(model: KVModel, remote: Remote | None = None) -> dict[str, Any
     return {"remote": where}
 
 
+@contextlib.contextmanager
+def remote_errors(options: Mapping[str, Any]):
+    """Name nnsight's own message when a remote (NDIF) request fails: model not served, no API key,
+    host unreachable, or a model whose identity is a local folder NDIF cannot know."""
+    where = options.get("remote")
+    if not where or where == "local":
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        raise RuntimeError(
+            f"nnsight's remote execution (remote={where!r}) failed: {type(exc).__name__}: {exc}\n"
+            "Check that NDIF serves this model by its Hugging Face id (nnsight.status(); kv.load('org/name', "
+            "remote=True), not a local folder), that an API key is set (nnsight.CONFIG.set_default_api_key(...) or "
+            "$NDIF_API_KEY), and the host (nnsight.CONFIG.API.HOST, or remote='http://host:port')") from exc
+
+
+def _then(first: Write, second: Write) -> Write:
+    """``second(first(state))`` (torch only: shipped by value to a remote server)."""
+
+    def both(state: torch.Tensor) -> torch.Tensor:
+        return second(first(state))
+
+    return both
+
+
+def with_standing(model: KVModel, write: Mapping[Site, Write] | None) -> dict[Site, Write]:
+    """``write`` after the model's standing interventions (:func:`standing`): theirs run first."""
+    out: dict[Site, Write] = {}
+    for layer in getattr(model, "standing", ()):
+        for site, fn in layer.items():
+            out[site] = _then(out[site], fn) if site in out else fn
+    for site, fn in (write or {}).items():
+        out[site] = _then(out[site], fn) if site in out else fn
+    return out
+
+
+@contextlib.contextmanager
+def standing(model: KVModel, writes: Mapping[Site, Write]):
+    """Within the block every forward through this seam (:func:`run`, :func:`record`) applies
+    ``writes`` before its own: an edit seen as part of the model, weights untouched (so it works
+    on remote and quantized models). Nested blocks stack in order.
+    """
+    layers = list(getattr(model, "standing", ()))
+    model.standing = (*layers, dict(writes))
+    try:
+        yield
+    finally:
+        model.standing = tuple(layers)
+
+
 def _steps(model: KVModel, sites: Sequence[Site], read: set[Site], write: Mapping[Site, Write]
            ) -> list[tuple[Any, str, Write | None, bool]]:
     """``(envoy, "output"/"input", write or None, keep?)`` per site: plain data for a trace body.
@@ -81,7 +133,7 @@ def run(model: KVModel, batch: Batch, *, read: Iterable[Site] = (),
     Returns:
         ``{site: tensor}`` for every site in ``read``.
     """
-    write = dict(write or {})
+    write = with_standing(model, write)
     read = set(read)
     sites = sorted(read | set(write), key=lambda s: s.order(model.n_layers))
     steps = _steps(model, sites, read, write)
@@ -89,7 +141,7 @@ def run(model: KVModel, batch: Batch, *, read: Iterable[Site] = (),
     if grad and options:
         raise ValueError("gradients through a remote trace are not supported: run grad=True locally")
     grad_mode = torch.enable_grad() if grad else torch.no_grad()
-    with grad_mode, model.nn.trace(**batch.inputs(), **options) as tracer:
+    with remote_errors(options), grad_mode, model.nn.trace(**batch.inputs(), **options) as tracer:
         saved = nnsight.save([])
         for envoy, attr, fn, keep in steps:
             value = getattr(envoy, attr)
@@ -127,14 +179,14 @@ def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None =
            remote: Remote | None = None) -> Record:
     """One forward of ``batch`` (with ``write`` applied) recording every state and the cache."""
     n = model.n_layers
-    write = dict(write or {})
+    write = with_standing(model, write)
     sites = [Site(k, j) for j in range(n) for k in ("attn", "mlp", "resid")] + [Site("logits")]
     sites = sorted(set(sites) | set(write), key=lambda s: s.order(n))
     first = next(i for i, s in enumerate(sites) if s.kind != "embed")  # layer 0's input comes just before
     steps = _steps(model, sites, set(sites), write)
     layer0 = model.envoy(Site("resid", 0))[0]
-    root = model.nn
-    with torch.no_grad(), root.trace(**batch.inputs(), use_cache=True, **trace_options(model, remote)):
+    root, options = model.nn, trace_options(model, remote)
+    with remote_errors(options), torch.no_grad(), root.trace(**batch.inputs(), use_cache=True, **options):
         saved = nnsight.save([])
         for i, (envoy, attr, fn, keep) in enumerate(steps):
             if i == first:

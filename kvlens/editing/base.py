@@ -71,6 +71,7 @@ class EditMethod(abc.ABC):
         ``delta.info["outcome"]`` holds each target's probability before/after on its own prompt;
         a warning says plainly when the optimisation did not make the target top-1.
         """
+        model.require_local(f"{type(self).__name__}.compute")
         reqs = check_requests(requests)
         hp = self.hparams_for(model)
         self.check(model, hp)

@@ -12,10 +12,12 @@ is the input of the value projection. Positions of states are named by :class:`S
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+import nnsight
 import torch
 from nnsight.modeling.transformers import TransformersModel
 from torch import nn
@@ -141,12 +143,41 @@ class KVModel:
         hf_model.eval()
         hf_model.requires_grad_(False)
         self.nn = TransformersModel(hf_model, tokenizer=tokenizer) if nn_model is None else nn_model
+        self.standing: tuple[dict[Any, Any], ...] = ()  # interventions every seam forward applies
+        self._fetched: dict[str, nn.Module] = {}  # leaf modules read through a trace (no local weights)
 
     # ---- where the weights are -----------------------------------------------------------
     @property
     def local_weights(self) -> bool:
         """False for a model built without its weights (``kv.load(name, remote=True)``)."""
-        return not self.embedding.weight.is_meta
+        return not self.hf.get_submodule(self.spec.embedding).weight.is_meta
+
+    def module(self, path: str) -> nn.Module:
+        """The HF submodule at ``path``; for a model without local weights, a local copy whose
+        parameters were read through one nnsight trace (remote when the model is), kept.
+
+        Only leaf modules (projections, norms, embeddings) can be fetched: what the inspect
+        verbs read (values, vocabulary projections, the final norm).
+        """
+        module = self.hf.get_submodule(path)
+        if self.local_weights:
+            return module
+        if path not in self._fetched:
+            names = [n for n, _ in module.named_parameters(recurse=False)]
+            if list(module.children()) or not names:
+                raise RuntimeError(f"{path} is not a leaf module with weights: it cannot be read through a trace")
+            envoy = _walk(self.nn, path)
+            ids = torch.tensor([[int(self.tokenizer.pad_token_id or 0)]])
+            options = {"remote": self.remote} if self.remote else {}
+            with torch.no_grad(), self.nn.trace(input_ids=ids, **options) as tracer:
+                got = nnsight.save([getattr(envoy, n) for n in names])
+                tracer.stop()
+            local = copy.deepcopy(module).to_empty(device="cpu")
+            with torch.no_grad():
+                for n, tensor in zip(names, got):
+                    getattr(local, n).copy_(tensor.detach().to("cpu"))
+            self._fetched[path] = local.eval().requires_grad_(False)
+        return self._fetched[path]
 
     def require_local(self, what: str) -> None:
         """Refuse ``what`` (before any work) when this model has no local weights."""
@@ -155,7 +186,7 @@ class KVModel:
                 f"{what} needs the model's weights here, but {self.name} was loaded with remote={self.remote!r} "
                 "(nnsight's meta loading: no local weights). It can run remotely: trace/sever (mode='plain'), "
                 "keys, values, find_memories, logit_lens, intervene, and a value-side delta as "
-                "delta.writes(model); for this, load the model locally: kv.load(name)")
+                "delta.intervened(model); for this, load the model locally: kv.load(name)")
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -172,6 +203,8 @@ class KVModel:
 
     @property
     def d_ff(self) -> int:
+        if not self.local_weights:  # the meta skeleton's shape (reading K would fetch it)
+            return int(self.canonical(self.mlp(0).get_submodule(self.spec.key).weight, "key").shape[0])
         return int(self.K(0).shape[0])
 
     @property
@@ -218,22 +251,24 @@ class KVModel:
         path = {"key": self.spec.key, "gate": self.spec.gate, "value": self.spec.value}[role]
         if path is None:
             raise ValueError(f"{self.spec.model_type} has no gate projection (its FFN is not gated)")
-        return self.mlp(layer).get_submodule(path)
+        if self.local_weights:
+            return self.mlp(layer).get_submodule(path)
+        return self.module(f"{self.spec.layers}.{self.check_layer(layer)}.{self.spec.mlp}.{path}")
 
     def activation(self, layer: int) -> nn.Module:
         return self.mlp(layer).get_submodule(self.spec.activation)
 
     @property
     def embedding(self) -> nn.Module:
-        return self.hf.get_submodule(self.spec.embedding)
+        return self.module(self.spec.embedding)
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.hf.get_submodule(self.spec.final_norm)
+        return self.module(self.spec.final_norm)
 
     @property
     def unembedding(self) -> nn.Module:
-        return self.hf.get_submodule(self.spec.unembedding)
+        return self.module(self.spec.unembedding)
 
     # ---- canonical [d_ff, d_model] views -----------------------------------------------
     def weight(self, layer: int, role: Role) -> torch.Tensor:
@@ -376,7 +411,7 @@ class KVModel:
                 ) from None
         for role in self.roles():
             try:
-                self.projection(0, role)
+                self.mlp(0).get_submodule(getattr(self.spec, role))
             except AttributeError:
                 raise ValueError(
                     f"the {self.spec.model_type} spec names FFN {role} projection "
