@@ -165,7 +165,7 @@ def test_inspect_verbs_on_the_remote_model_equal_local(pair):
     torch.testing.assert_close(vb.top_scores, va.top_scores, rtol=0, atol=0)
     fa, fb = kv.find_memories(here, " Paris", [20, 21]), kv.find_memories(there, " Paris", [20, 21])
     assert repr(fb).replace(there.name, "") == repr(fa).replace(here.name, "")
-    la, lb = kv.logit_lens(here, text), kv.logit_lens(there, text)
+    la, lb = kv.logit_lens(here, text, [4, 29]), kv.logit_lens(there, text, [4, 29])
     for x, y in zip(la.top_ids + la.top_probs, lb.top_ids + lb.top_probs):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
     ia = kv.intervene(here, text, {(20, 11): 0.0, (25, 3): 3.0}, target=" Paris")
@@ -175,8 +175,25 @@ def test_inspect_verbs_on_the_remote_model_equal_local(pair):
 
 def test_plain_trace_of_the_embedded_model_remotely_equals_local(pair):
     here, there = pair
-    opts = dict(mode="plain", samples=2, progress=False, per_forward=64)
-    a = kv.trace(here, "{} is in", "Paris", **opts)
-    b = kv.trace(there, "{} is in", "Paris", **opts)
+    opts = dict(mode="plain", samples=1, progress=False, per_forward=128)  # 3 tokens x 30 layers: one forward
+    a = kv.trace(here, "{} is", "Paris", **opts)
+    b = kv.trace(there, "{} is", "Paris", **opts)
     assert (b.high, b.low, b.tokens) == (a.high, a.low, a.tokens)
     torch.testing.assert_close(b.scores["hidden"], a.scores["hidden"], rtol=0, atol=0)
+
+
+def test_an_edit_is_evaluated_remotely_without_touching_weights(m):
+    from kvlens.evaluate import evaluate
+
+    view = tracing.with_trace_options(m, remote="local")
+    req = kv.EditRequest("{} is in", "The tower", "Rome", "Paris")
+    delta = _value_delta(m, layer=2, rank=3, seed=1)
+    weights = {k: v.clone() for k, v in m.hf.state_dict().items()}
+    with delta.applied(m):
+        here = evaluate(m, [req], tests=("rewrite",))
+    with delta.intervened(view):
+        there = evaluate(view, [req], tests=("rewrite",))
+    assert all(torch.equal(v, weights[k]) for k, v in m.hf.state_dict().items())
+    assert set(there.aggregate[there.states[-1]]) == set(here.aggregate[here.states[-1]]) >= {"EM", "ES"}
+    for name in ("EM", "ES"):
+        assert abs(there.metric(name).mean - here.metric(name).mean) < 1e-6

@@ -39,6 +39,21 @@ def quantized_parts(delta: Any, model: KVModel) -> list[tuple[int, str]]:
             and is_quantized(model.projection(*key).weight)]
 
 
+def prepare_kbit(model: KVModel) -> None:
+    """QLoRA's preparation of a quantized model (peft's ``prepare_model_for_kbit_training``), no-op otherwise.
+
+    Without gradient checkpointing it freezes every parameter and casts half-precision
+    non-quantized ones to float32; kvlens loads 4-bit models with float32 compute and frozen
+    weights, so the model is left bit-identical (the call is kept so the recipe is peft's own).
+    """
+    hf = model.hf
+    if not (getattr(hf, "is_loaded_in_4bit", False) or getattr(hf, "is_loaded_in_8bit", False)):
+        return
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(hf, use_gradient_checkpointing=False)
+
+
 class BesideEdit:
     """The handle of an edit applied beside the weights: ``revert()`` removes it (exactly)."""
 

@@ -130,7 +130,8 @@ def _quantization_config(load_in_4bit: bool) -> Any:
         ) from exc
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    # QLoRA's recipe (Dettmers et al. 2023; Qiu et al. 2024): NF4 with double quantisation
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.float32)
 
 
