@@ -34,9 +34,10 @@ def is_quantized(weight: torch.Tensor) -> bool:
 
 
 def quantized_parts(delta: Any, model: KVModel) -> list[tuple[int, str]]:
-    """The parts of ``delta`` whose weights in ``model`` are quantized (written beside, not into)."""
+    """The parts of ``delta`` whose weights in ``model`` are quantized or offloaded by accelerate
+    (``device_map`` to CPU/disk: the module holds a meta tensor): written beside, not into."""
     return [key for key in delta.parts if model.local_weights and key[1] in model.roles()
-            and is_quantized(model.projection(*key).weight)]
+            and (is_quantized(w := model.projection(*key).weight) or w.is_meta)]
 
 
 def prepare_kbit(model: KVModel) -> None:

@@ -113,6 +113,14 @@ def _walk(envoy: Any, path: str) -> Any:
     return envoy
 
 
+def offloaded_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a layer offloaded by accelerate (CPU/disk ``device_map``), read from its hook."""
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        raise RuntimeError(f"{type(module).__name__} holds a meta weight and no accelerate offload hook to read it from")
+    return weights["weight"]
+
+
 class KVModel:
     """A causal LM seen as key-value memories: the nnsight model, the HF model, its spec.
 
@@ -280,6 +288,8 @@ class KVModel:
         """
         module = self.projection(layer, role)
         w = module.weight
+        if w.is_meta and self.local_weights:  # offloaded by accelerate (device_map): its hook holds the weight
+            return offloaded_weight(module)
         if getattr(w, "quant_state", None) is None and getattr(w, "SCB", None) is None:
             return w
         eye = torch.eye(module.in_features, device=self.device, dtype=torch.float32)
