@@ -120,3 +120,8 @@ def test_a_delta_crosses_precisions_only_when_asked(tiny_dir, m4, stats):
     delta_full = kv.ROME(layer=1, **FAST).compute(full, [REQ], stats={1: stats[1]})
     with pytest.raises(ValueError, match="4-bit and a full-precision.*force=True"):
         delta_full.apply(m4)
+
+
+def test_a_dtype_bitsandbytes_cannot_handle_is_refused_before_loading(tiny_dir):
+    with pytest.raises(ValueError, match="dtype=torch.float64 is not one bitsandbytes can handle"):
+        kv.load(tiny_dir, load_in_4bit=True, dtype=torch.float64, device_map="auto")

@@ -125,3 +125,18 @@ def test_prefix_of_a_prompt_near_the_position_limit():
     resumed = tracing.run_skipping(m, tracing.prefix_run(m, batch, 1, start), top=lambda h: h, read=[final])[final]
     torch.testing.assert_close(resumed[0, :2], full[0, 60:62], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(resumed[1, :5], full[1, :5], rtol=1e-4, atol=1e-5)
+
+
+def test_fingerprint_is_computed_once_per_weight_state_and_follows_in_place_writes():
+    m = tiny("llama", seed=5)
+    fp0 = m.fingerprint()
+    w = m.projection(1, "value").weight
+    digest = m._digests[(1, "value")]
+    assert m.fingerprint() == fp0 and m._digests[(1, "value")] is digest  # reused, not recomputed
+    orig = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)  # an in-place write (as delta.apply does) bumps the tensor's version
+    assert m.fingerprint() != fp0
+    with torch.no_grad():
+        w.copy_(orig)
+    assert m.fingerprint() == fp0

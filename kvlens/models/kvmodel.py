@@ -152,6 +152,7 @@ class KVModel:
         hf_model.requires_grad_(False)
         self.nn = TransformersModel(hf_model, tokenizer=tokenizer) if nn_model is None else nn_model
         self.standing: tuple[dict[Any, Any], ...] = ()  # interventions every seam forward applies
+        self._digests: dict[tuple[int, str], tuple[tuple[Any, ...], bytes]] = {}  # see _weight_digest
         self._fetched: dict[str, nn.Module] = {}  # leaf modules read through a trace (no local weights)
 
     # ---- where the weights are -----------------------------------------------------------
@@ -385,10 +386,26 @@ class KVModel:
         h.update(f"{self.spec.model_type}:{self.n_layers}:{self.d_model}:{self.d_ff}".encode())
         for layer in (range(self.n_layers) if layers is None else layers):
             for role in (self.roles() if roles is None else roles):
-                w = self.weight(layer, role).detach()
                 h.update(f"{layer}.{role}".encode())
-                h.update(w.to("cpu", torch.float32).contiguous().numpy().tobytes())
+                h.update(self._weight_digest(layer, role))
         return h.hexdigest()
+
+    def _weight_digest(self, layer: int, role: Role) -> bytes:
+        """SHA-256 of one FFN weight, computed once per weight state.
+
+        Kept per tensor with its version (``data_ptr``, in-place ``_version``, shape, dtype): every
+        in-place write (``delta.apply``/``revert``, an optimiser step) bumps ``_version``, and a
+        swapped tensor has another ``data_ptr``, so a stale digest is never reused.
+        """
+        stored = self.projection(layer, role).weight
+        version = (stored.data_ptr(), stored._version, tuple(stored.shape), stored.dtype, stored.is_meta)
+        cached = self._digests.get((layer, role))
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        w = self.weight(layer, role).detach()
+        digest = hashlib.sha256(w.to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
+        self._digests[(layer, role)] = (version, digest)
+        return digest
 
     def card(self) -> dict[str, Any]:
         """A plain description for reports and reprs."""

@@ -164,6 +164,9 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
     if remote and (device is not None or device_map is not None or load_in_4bit):
         raise ValueError("remote models hold no local weights: device, device_map and load_in_4bit do not apply "
                          "(the server places and quantizes the model)")
+    if load_in_4bit and dtype not in (None, "auto", torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"load_in_4bit=True computes in float32, float16 or bfloat16; dtype={dtype!r} is not one "
+                         "bitsandbytes can handle: pass one of those (or leave dtype unset)")
     quant = _quantization_config(load_in_4bit)
     if name_or_dir is None:
         source: str | Path = ensure_embedded_copy()
