@@ -375,7 +375,12 @@ class EditReport:
 
 
 def _applied(delta: Any, model: KVModel) -> contextlib.AbstractContextManager:
-    """The context in which ``delta`` is applied: ``delta.applied(model)`` or ``delta(model)``."""
+    """The context in which ``delta`` is applied: ``delta.applied(model)`` or ``delta(model)``.
+
+    On a model without local weights (remote) a delta runs as interventions: ``delta.intervened(model)``.
+    """
+    if hasattr(delta, "intervened") and not model.local_weights:
+        return delta.intervened(model)
     if hasattr(delta, "applied"):
         return delta.applied(model)
     if callable(delta):

@@ -29,44 +29,181 @@ from kvlens.models.kvmodel import Batch, KVModel, Site
 Write = Callable[[torch.Tensor], torch.Tensor]
 
 
+#: Where a trace runs: ``False`` here; ``True`` on NDIF (nnsight's remote execution, the host set
+#: in nnsight's config); ``"local"`` nnsight's local dry run of the remote protocol (the request is
+#: serialised and deserialised with every module an NDIF server lacks hidden, then run here); any
+#: other string: the URL of an NDIF host (e.g. a local NDIF server, ``"http://localhost:5001"``).
+Remote = bool | str
+
+
+def trace_options(model: KVModel, remote: Remote | None = None) -> dict[str, Any]:
+    """nnsight ``trace`` keyword arguments for ``remote`` (``None``: the model's own ``model.remote``)."""
+    where = model.remote if remote is None else remote
+    if where is False or where is None:
+        return {}
+    if not (where is True or isinstance(where, str)):
+        raise TypeError(f"remote must be False, True, 'local' or an NDIF host URL, got {where!r}")
+    return {"remote": where}
+
+
+@contextlib.contextmanager
+def remote_errors(options: Mapping[str, Any]):
+    """Name nnsight's own message when a remote (NDIF) request fails: model not served, no API key,
+    host unreachable, or a model whose identity is a local folder NDIF cannot know."""
+    where = options.get("remote")
+    if not where or where == "local":
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        raise RuntimeError(
+            f"nnsight's remote execution (remote={where!r}) failed: {type(exc).__name__}: {exc}\n"
+            "Check that NDIF serves this model by its Hugging Face id (nnsight.status(); kv.load('org/name', "
+            "remote=True), not a local folder), that an API key is set (nnsight.CONFIG.set_default_api_key(...) or "
+            "$NDIF_API_KEY), and the host (nnsight.CONFIG.API.HOST, or remote='http://host:port')") from exc
+
+
+def _then(first: Write, second: Write) -> Write:
+    """``second(first(state))`` (torch only: shipped by value to a remote server)."""
+
+    def both(state: torch.Tensor) -> torch.Tensor:
+        return second(first(state))
+
+    return both
+
+
+def with_standing(model: KVModel, write: Mapping[Site, Write] | None) -> dict[Site, Write]:
+    """``write`` after the model's standing interventions (:func:`standing`): theirs run first."""
+    out: dict[Site, Write] = {}
+    for layer in getattr(model, "standing", ()):
+        for site, fn in layer.items():
+            out[site] = _then(out[site], fn) if site in out else fn
+    for site, fn in (write or {}).items():
+        out[site] = _then(out[site], fn) if site in out else fn
+    return out
+
+
+@contextlib.contextmanager
+def standing(model: KVModel, writes: Mapping[Site, Write]):
+    """Within the block every forward through this seam (:func:`run`, :func:`record`) applies
+    ``writes`` before its own: an edit seen as part of the model, weights untouched (so it works
+    on remote and quantized models). Nested blocks stack in order.
+    """
+    layers = list(getattr(model, "standing", ()))
+    model.standing = (*layers, dict(writes))
+    try:
+        yield
+    finally:
+        model.standing = tuple(layers)
+
+
+def _steps(model: KVModel, sites: Sequence[Site], read: set[Site], write: Mapping[Site, Write]
+           ) -> list[tuple[Any, str, Write | None, bool]]:
+    """``(envoy, "output"/"input", write or None, keep?)`` per site: plain data for a trace body.
+
+    A trace body may use torch and nnsight only (a remote server has no kvlens), so every kvlens
+    object is resolved here, outside it; write functions are closures over tensors (cloudpickle
+    ships them by value).
+    """
+    steps = []
+    for site in sites:
+        if site.kind not in ("embed", "logits"):
+            model.check_layer(site.layer)
+        envoy, attr = model.envoy(site)
+        steps.append((envoy, attr, write.get(site), site in read))
+    return steps
+
+
 def run(model: KVModel, batch: Batch, *, read: Iterable[Site] = (),
         write: Mapping[Site, Write] | None = None, grad: bool = False,
-        stop: bool = False) -> dict[Site, torch.Tensor]:
+        stop: bool = False, remote: Remote | None = None) -> dict[Site, torch.Tensor]:
     """One forward of ``batch`` that applies ``write`` and returns the states at ``read``.
 
     Args:
         model: the wrapped model.
         batch: right-padded prompts from :meth:`KVModel.tokenize` or :func:`concat`.
         read: sites whose (post-write) state to return, each ``[B, T, ...]``.
-        write: site -> function of the state returning the new state (same shape).
-        grad: keep autograd graphs (for losses on the returned states).
+        write: site -> function of the state returning the new state (same shape); it runs
+            inside the trace, so on a remote model it may use torch only.
+        grad: keep autograd graphs (for losses on the returned states; local only).
         stop: end the forward right after the last site visited (for statistics: layers
             above are not computed; logits are then unavailable).
+        remote: where the forward runs (:data:`Remote`); ``None``: ``model.remote``.
 
     Returns:
         ``{site: tensor}`` for every site in ``read``.
     """
-    write = dict(write or {})
+    write = with_standing(model, write)
     read = set(read)
     sites = sorted(read | set(write), key=lambda s: s.order(model.n_layers))
-    for site in sites:
-        if site.kind not in ("embed", "logits"):
-            model.check_layer(site.layer)
-    saved: dict[Site, torch.Tensor] = {}
+    steps = _steps(model, sites, read, write)
+    options = trace_options(model, remote)
+    if grad and options:
+        raise ValueError("gradients through a remote trace are not supported: run grad=True locally")
     grad_mode = torch.enable_grad() if grad else torch.no_grad()
-    with grad_mode, model.nn.trace(**batch.inputs()) as tracer:
-        for site in sites:
-            envoy, attr = model.envoy(site)
+    with remote_errors(options), grad_mode, model.nn.trace(**batch.inputs(), **options) as tracer:
+        saved = nnsight.save([])
+        for envoy, attr, fn, keep in steps:
             value = getattr(envoy, attr)
             head = value[0] if isinstance(value, tuple) else value
-            if site in write:
-                head = write[site](head)
+            if fn is not None:
+                head = fn(head)
                 setattr(envoy, attr, (head, *value[1:]) if isinstance(value, tuple) else head)
-            if site in read:
-                saved[site] = nnsight.save(head)
+            if keep:
+                saved.append(head)
         if stop:
             tracer.stop()
-    return saved
+    kept = [site for site in sites if site in read]
+    return dict(zip(kept, saved))
+
+
+@dataclass
+class Record:
+    """Every state of one forward: layer 0's input, per-layer attention / MLP / layer outputs,
+    the unembedding output (``head``), the model's logits and its attention cache.
+
+    ``keys[l]``/``values[l]`` are ``[B, heads, T, head_dim]``.
+    """
+
+    resid_in: torch.Tensor
+    attn: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+    resid: list[torch.Tensor]
+    head: torch.Tensor
+    logits: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None = None,
+           remote: Remote | None = None) -> Record:
+    """One forward of ``batch`` (with ``write`` applied) recording every state and the cache."""
+    n = model.n_layers
+    write = with_standing(model, write)
+    sites = [Site(k, j) for j in range(n) for k in ("attn", "mlp", "resid")] + [Site("logits")]
+    sites = sorted(set(sites) | set(write), key=lambda s: s.order(n))
+    first = next(i for i, s in enumerate(sites) if s.kind != "embed")  # layer 0's input comes just before
+    steps = _steps(model, sites, set(sites), write)
+    layer0 = model.envoy(Site("resid", 0))[0]
+    root, options = model.nn, trace_options(model, remote)
+    with remote_errors(options), torch.no_grad(), root.trace(**batch.inputs(), use_cache=True, **options):
+        saved = nnsight.save([])
+        for i, (envoy, attr, fn, keep) in enumerate(steps):
+            if i == first:
+                resid_in = nnsight.save(layer0.input)
+            value = getattr(envoy, attr)
+            head = value[0] if isinstance(value, tuple) else value
+            if fn is not None:
+                head = fn(head)
+                setattr(envoy, attr, (head, *value[1:]) if isinstance(value, tuple) else head)
+            saved.append(head)
+        out = nnsight.save(root.output)
+    states = dict(zip(sites, saved))
+    cache = out.cache
+    return Record(resid_in, *([states[Site(k, j)] for j in range(n)] for k in ("attn", "mlp", "resid")),
+                  states[Site("logits")], out.logits, [cache.layers[j].keys for j in range(n)],
+                  [cache.layers[j].values for j in range(n)])
 
 
 def capture(model: KVModel, prompts: str | Sequence[str], sites: Iterable[Site]
@@ -295,29 +432,16 @@ def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, read: Iterable[S
     return saved
 
 
-class _TraceOptions:
-    """An nnsight model whose traces all get extra keyword arguments; everything else delegates."""
-
-    def __init__(self, nn_model: object, options: dict[str, object]) -> None:
-        self._nn_model = nn_model
-        self._options = options
-
-    def trace(self, *args: object, **kwargs: object) -> object:
-        return self._nn_model.trace(*args, **{**self._options, **kwargs})
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._nn_model, name)
-
-
-def with_trace_options(model: KVModel, **options: object) -> KVModel:
-    """A shallow copy of ``model`` whose nnsight traces (in :func:`run`) get ``options``.
+def with_trace_options(model: KVModel, *, remote: Remote) -> KVModel:
+    """A shallow copy of ``model`` whose forwards through this seam run at ``remote`` (:data:`Remote`).
 
     E.g. ``with_trace_options(model, remote=True)`` sends every forward of :func:`run` to NDIF
-    (nnsight's remote execution; the model must be one NDIF hosts, and needs an API key set up
-    as nnsight documents). The original model is not changed.
+    (the model must be one NDIF hosts, with an API key set up as nnsight documents). The
+    original model is not changed.
     """
     import copy
 
+    trace_options(model, remote)  # checks the value
     view = copy.copy(model)
-    view.nn = _TraceOptions(model.nn, dict(options))
+    view.remote = remote
     return view

@@ -125,3 +125,35 @@ def test_prefix_of_a_prompt_near_the_position_limit():
     resumed = tracing.run_skipping(m, tracing.prefix_run(m, batch, 1, start), top=lambda h: h, read=[final])[final]
     torch.testing.assert_close(resumed[0, :2], full[0, 60:62], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(resumed[1, :5], full[1, :5], rtol=1e-4, atol=1e-5)
+
+
+def test_fingerprint_is_computed_once_per_weight_state_and_follows_in_place_writes():
+    m = tiny("llama", seed=5)
+    fp0 = m.fingerprint()
+    w = m.projection(1, "value").weight
+    digest = m._digests[(1, "value")]
+    assert m.fingerprint() == fp0 and m._digests[(1, "value")] is digest  # reused, not recomputed
+    orig = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)  # an in-place write (as delta.apply does) bumps the tensor's version
+    assert m.fingerprint() != fp0
+    with torch.no_grad():
+        w.copy_(orig)
+    assert m.fingerprint() == fp0
+
+
+def test_the_transformers_cache_api_kvlens_relies_on(m):
+    """Pins what the seam reads and builds: ``output.cache`` (not ``past_key_values``), per-layer
+    ``cache.layers[j].keys/values`` ``[B, heads, T, head_dim]``, ``DynamicCache(config=).update``."""
+    from transformers.cache_utils import DynamicCache
+
+    batch = m.tokenize("pin the cache")
+    rec = tracing.record(m, batch)
+    heads, head_dim = m.config.num_key_value_heads, m.config.head_dim
+    assert len(rec.keys) == m.n_layers and rec.keys[0].shape == (1, heads, batch.input_ids.shape[1], head_dim)
+    cache = DynamicCache(config=m.config)
+    for j in range(m.n_layers):
+        cache.update(rec.keys[j][:, :, :4], rec.values[j][:, :, :4], j)
+    assert cache.get_seq_length() == 4 and torch.equal(cache.layers[1].keys, rec.keys[1][:, :, :4])
+    out = m.hf(input_ids=batch.input_ids[:, 4:], cache=cache, use_cache=True)
+    torch.testing.assert_close(out.logits[0], rec.logits[0, 4:], rtol=1e-5, atol=1e-5)  # resumed = full run

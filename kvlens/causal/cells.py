@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from kvlens.causal.resume import Patch, Rows, resume
-from kvlens.causal.setup import Setup, log_probs, target_prob
+from kvlens.causal.setup import Setup, add_noise, log_probs, target_prob
 from kvlens.models.kvmodel import Batch, KVModel, Site
-from kvlens.tracing import replace_at, run, with_trace_options
+from kvlens.tracing import Remote, replace_at, run
 
 KINDS = ("hidden", "mlp", "attn")
 SEVERED = ("sever_mlp", "sever_attn")
@@ -80,13 +80,8 @@ def _writes(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int) ->
     """Writes for ``cells`` stacked on the batch axis, ``samples`` rows each."""
     s, span = setup.samples, setup.span
     n = len(cells) * s
-    noise = setup.noise.repeat(len(cells), 1, 1)
+    corrupt = add_noise(span.start, span.end, setup.noise.repeat(len(cells), 1, 1))
     rows_all = torch.arange(n)
-
-    def corrupt(state: torch.Tensor) -> torch.Tensor:
-        out = state.clone()
-        out[:, span.start:span.end] += noise.to(state.dtype)
-        return out
 
     parts: dict[Site, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
     for c, cell in enumerate(cells):
@@ -109,19 +104,18 @@ def _writes(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int) ->
 
 
 def plain_scores(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int,
-                 per_forward: int = 1, remote: bool = False) -> torch.Tensor:
+                 per_forward: int = 1, remote: Remote | None = None) -> torch.Tensor:
     """``p(target)`` per cell (mean over samples) by full forwards, ``per_forward`` cells each.
 
-    ``remote=True`` passes nnsight's ``remote=True`` to every forward (NDIF execution).
+    ``remote`` says where every forward runs (:data:`kvlens.tracing.Remote`; ``None``: ``model.remote``).
     """
-    target_model = with_trace_options(model, remote=True) if remote else model
     out = []
     ones = torch.ones_like(setup.ids)
     for i in range(0, len(cells), per_forward):
         chunk = cells[i:i + per_forward]
         n = len(chunk) * setup.samples
         batch = Batch(setup.ids.repeat(n, 1), ones.repeat(n, 1), (setup.prompt,) * n)
-        logits = run(target_model, batch, read=[Site("logits")], write=_writes(model, setup, chunk, window))
+        logits = run(model, batch, read=[Site("logits")], write=_writes(model, setup, chunk, window), remote=remote)
         lp = log_probs(logits[Site("logits")][:, setup.positions])
         out.append(target_prob(lp, setup.target).view(len(chunk), setup.samples).mean(1))
     return torch.cat(out)

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from kvlens.models.kvmodel import KVModel
+from kvlens.models.kvmodel import Batch, KVModel, Site
+from kvlens.tracing import Remote, Write, record
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RunStates:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     logits: torch.Tensor
+    head: torch.Tensor  # the unembedding's output (what every trace mode scores)
 
     def module(self, kind: str) -> list[torch.Tensor]:
         """The per-layer outputs of ``kind`` (``"mlp"`` or ``"attn"``)."""
@@ -96,29 +98,11 @@ def _hooks(pairs: list[tuple[torch.nn.Module, Any, bool]]) -> Iterator[None]:
             h.remove()
 
 
-def full_run(model: KVModel, embeds: torch.Tensor) -> RunStates:
-    """One complete forward from token embeddings ``[R, T, d]``, recording every state."""
-    n = model.n_layers
-    rec: dict[str, list[Any]] = {"resid": [None] * n, "mlp": [None] * n, "attn": [None] * n, "in": [None]}
-
-    def keep(name: str, layer: int) -> Any:
-        def hook(_m: Any, _i: Any, out: Any) -> None:
-            rec[name][layer] = _head(out).detach()
-        return hook
-
-    def keep_in(_m: Any, args: tuple, kwargs: dict) -> None:
-        rec["in"][0] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    pairs: list[tuple[torch.nn.Module, Any, bool]] = [(model.layer(0), keep_in, True)]
-    for j in range(n):
-        pairs += [(model.layer(j), keep("resid", j), False), (model.mlp(j), keep("mlp", j), False),
-                  (model.attn(j), keep("attn", j), False)]
-    with torch.no_grad(), _hooks(pairs):
-        out = model.hf(inputs_embeds=embeds, use_cache=True)
-    cache = out.cache
-    keys = [cache.layers[j].keys for j in range(n)]
-    values = [cache.layers[j].values for j in range(n)]
-    return RunStates(rec["in"][0], rec["resid"], rec["mlp"], rec["attn"], keys, values, out.logits)
+def full_run(model: KVModel, batch: Batch, write: Mapping[Site, Write] | None = None,
+             remote: Remote | None = None) -> RunStates:
+    """One complete forward of ``batch`` through the seam (``write`` applied), recording every state."""
+    rec = record(model, batch, write=write, remote=remote)
+    return RunStates(rec.resid_in, rec.resid, rec.mlp, rec.attn, rec.keys, rec.values, rec.logits, rec.head)
 
 
 def head_logits(model: KVModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -132,7 +116,7 @@ def check_head(model: KVModel, run: RunStates) -> None:
     Traces score ``p(target)`` from the unembedding output in every mode (it is what the nnsight
     ``logits`` site reads), so such a model is traced on its logits before that post-processing.
     """
-    mine = head_logits(model, run.resid[-1][:, -1:])
+    mine = run.head[:, -1:]
     theirs = run.logits[:, -1:]
     if not torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max())):
         warnings.warn(

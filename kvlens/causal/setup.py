@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlens.causal.resume import RunStates, check_head, full_run, head_logits
-from kvlens.models.kvmodel import KVModel
+from kvlens.causal.resume import RunStates, check_head, full_run
+from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.prompts import SubjectSpan, continuation_ids, subject_span
+from kvlens.tracing import Remote, Write, run
 
 #: Subjects over which the default noise scale is measured (ROME pools its ``knowns`` subjects).
 DEFAULT_SUBJECTS: tuple[str, ...] = (
@@ -38,7 +39,7 @@ DEFAULT_SUBJECTS: tuple[str, ...] = (
 LOW_CLEAN_PROBABILITY = 1e-3
 
 
-def noise_scale(model: KVModel, subjects: Sequence[str] | None = None) -> float:
+def noise_scale(model: KVModel, subjects: Sequence[str] | None = None, remote: Remote | None = None) -> float:
     """σ: the standard deviation of the token embeddings of ``subjects`` (all entries pooled).
 
     ROME's ``collect_embedding_std`` over its known facts. It reads ~100 embedding rows, so it
@@ -46,8 +47,9 @@ def noise_scale(model: KVModel, subjects: Sequence[str] | None = None) -> float:
     """
     subjects = tuple(subjects or DEFAULT_SUBJECTS)
     ids = [i for s in subjects for i in model.tokenizer(s, add_special_tokens=False)["input_ids"]]
-    with torch.no_grad():
-        return float(model.embedding(torch.tensor(ids, device=model.device)).float().std())
+    batch = Batch.from_ids([ids], model.tokenizer.pad_token_id, model.device)
+    embed = run(model, batch, read=[Site("embed")], stop=True, remote=remote)[Site("embed")]
+    return float(embed.float().std())
 
 
 def target_ids(model: KVModel, target: str | int | Sequence[int]) -> list[int]:
@@ -116,38 +118,47 @@ def check_args(model: KVModel, samples: int, window: int) -> None:
         raise ValueError(f"window {window} is larger than the model: {model.name} has {model.n_layers} layers")
 
 
+def add_noise(start: int, end: int, noise: torch.Tensor) -> Write:
+    """A write adding ``noise`` ``[R, end - start, d]`` to the token embeddings ``start:end`` (torch only)."""
+
+    def corrupt(state: torch.Tensor) -> torch.Tensor:
+        out = state.clone()
+        out[:, start:end] += noise.to(state.device, state.dtype)
+        return out
+
+    return corrupt
+
+
 def prepare(model: KVModel, prompt: str, subject: str, target: str | int | Sequence[int] | None, *,
-            noise: float | None, samples: int, seed: int) -> Setup:
-    """Check the inputs, draw the noise, and record the clean and corrupted runs."""
+            noise: float | None, samples: int, seed: int, remote: Remote | None = None) -> Setup:
+    """Check the inputs, draw the noise, and record the clean and corrupted runs (through the seam)."""
     span = subject_span(model, prompt, subject)  # errors: template, empty or missing subject
     ids = model.tokenize(span.prompt).input_ids
     n_prompt = ids.shape[1]
-    with torch.no_grad():
-        clean = full_run(model, model.embedding(ids))
+
+    def batch(rows: int) -> Batch:
+        return Batch(ids.repeat(rows, 1), torch.ones_like(ids).repeat(rows, 1), (span.prompt,) * rows)
+
+    clean = full_run(model, batch(1), remote=remote)
     if target is None:
-        tgt = [int(clean.logits[0, -1].argmax())]
+        tgt = [int(clean.head[0, -1].argmax())]
     else:
         tgt = target_ids(model, target)
         if len(tgt) > 1:
             extra = torch.tensor([tgt[:-1]], device=ids.device)
             ids = torch.cat([ids, extra], dim=1)
-            with torch.no_grad():
-                clean = full_run(model, model.embedding(ids))
-    std = 3.0 * noise_scale(model) if noise is None else float(noise)
+            clean = full_run(model, batch(1), remote=remote)
+    std = 3.0 * noise_scale(model, remote=remote) if noise is None else float(noise)
     if not std > 0:
         raise ValueError(f"noise must be a positive standard deviation, got {noise!r}")
     gen = torch.Generator().manual_seed(seed)
     eps = std * torch.randn(samples, span.end - span.start, model.d_model, generator=gen, dtype=torch.float64)
     eps = eps.to(model.device, model.dtype)
-    with torch.no_grad():
-        emb = model.embedding(ids).repeat(samples, 1, 1)
-        emb[:, span.start:span.end] += eps
-        corrupt = full_run(model, emb)
+    corrupt = full_run(model, batch(samples), {Site("embed"): add_noise(span.start, span.end, eps)}, remote=remote)
     positions = list(range(n_prompt - 1, n_prompt - 1 + len(tgt)))
     check_head(model, clean)
-    with torch.no_grad():  # p from the unembedding output, as every cell measures it
-        high = float(target_prob(log_probs(head_logits(model, clean.resid[-1][:, positions])), tgt)[0])
-        low = float(target_prob(log_probs(head_logits(model, corrupt.resid[-1][:, positions])), tgt).mean())
+    high = float(target_prob(log_probs(clean.head[:, positions]), tgt)[0])  # p from the unembedding output,
+    low = float(target_prob(log_probs(corrupt.head[:, positions]), tgt).mean())  # as every cell measures it
     if high < LOW_CLEAN_PROBABILITY:
         words = model.tokenizer.decode(tgt)
         warnings.warn(f"the clean run gives the target {words!r} probability {high:.2g}: the model does not "

@@ -67,7 +67,7 @@ def _token(span_start: int, span_end: int, n_prompt: int, token: str | int) -> i
 
 def sever(model: KVModel, prompt: str, subject: str, target: str | int | Sequence[int] | None = None, *,
           token: str | int = "last_subject", noise: float | None = None, samples: int = 10, seed: int = 1,
-          mode: str = "exact", memory: int | None = None, per_forward: int = 32, remote: bool = False,
+          mode: str = "exact", memory: int | None = None, per_forward: int = 32, remote: bool | str | None = None,
           progress: bool = True) -> SeveredTrace:
     """The three severed-path curves at ``token`` (default: the last subject token, as ROME).
 
@@ -76,8 +76,8 @@ def sever(model: KVModel, prompt: str, subject: str, target: str | int | Sequenc
     if mode == "approx":
         raise ValueError("severed paths have no attribution-patching estimate: use mode='exact' or 'plain'")
     check_args(model, samples, 1)
-    check_mode(mode, remote)
-    setup = prepare(model, prompt, subject, target, noise=noise, samples=samples, seed=seed)
+    check_mode(mode, remote, model)
+    setup = prepare(model, prompt, subject, target, noise=noise, samples=samples, seed=seed, remote=remote)
     t = _token(setup.span.start, setup.span.end, setup.n_prompt, token)
     cells = [Cell(_CELL_KIND[c], layer, t) for c in CURVES for layer in range(model.n_layers)]
     flat = run_cells(model, setup, cells, 1, mode=mode, memory=memory, per_forward=per_forward, remote=remote,

@@ -20,6 +20,7 @@ import torch
 from kvlens.causal.cells import KINDS, Cell, exact_scores, plain_scores
 from kvlens.causal.setup import Setup, check_args, prepare
 from kvlens.models.kvmodel import KVModel
+from kvlens.tracing import Remote
 
 MODES = ("exact", "plain", "approx")
 
@@ -96,18 +97,27 @@ def check_kinds(kind: str | Sequence[str]) -> tuple[str, ...]:
     return kinds
 
 
-def check_mode(mode: str, remote: bool) -> None:
+#: Modes that run through nnsight's remote protocol (the others drive local modules or gradients).
+REMOTE_MODES = ("plain",)
+
+
+def check_mode(mode: str, remote: Remote | None, model: KVModel | None = None) -> None:
+    """Refuse an unknown mode, or one that cannot run where the model is (naming those that can)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if remote and mode != "plain":
-        raise ValueError("remote=True runs on NDIF through nnsight: use mode='plain' (the exact fast mode "
-                         "drives local modules and the approximate mode needs local gradients)")
+    where = model.remote if remote is None and model is not None else remote
+    local = model is None or model.local_weights
+    if (where or not local) and mode not in REMOTE_MODES:
+        why = f"remote={where!r}" if where else f"{model.name} has no local weights"
+        raise ValueError(f"mode={mode!r} cannot run remotely ({why}): the exact fast mode drives local modules "
+                         f"and the approximate mode needs local gradients; use mode={REMOTE_MODES[0]!r} "
+                         f"(modes that run remotely: {REMOTE_MODES})")
 
 
 def trace(model: KVModel, prompt: str, subject: str, target: str | int | Sequence[int] | None = None, *,
           kind: str | Sequence[str] = "hidden", window: int = 10, noise: float | None = None,
           samples: int = 10, seed: int = 1, mode: str = "exact", memory: int | None = None,
-          per_forward: int = 32, remote: bool = False, progress: bool = True) -> CausalTrace:
+          per_forward: int = 32, remote: Remote | None = None, progress: bool = True) -> CausalTrace:
     """Causal trace of a fact: the indirect effect of every (token, layer) state.
 
     Args:
@@ -125,13 +135,15 @@ def trace(model: KVModel, prompt: str, subject: str, target: str | int | Sequenc
             ``per_forward`` cells per forward) or ``"approx"`` (attribution patching, an estimate).
         memory: bytes one exact-mode forward may use (default: 256 MiB on CPU, half the free
             GPU memory on CUDA); more rows per forward is faster until the device is busy.
-        remote: run the plain procedure on NDIF through nnsight (``mode="plain"`` only).
+        remote: where the forwards run (:data:`kvlens.tracing.Remote`: ``True`` = NDIF, ``"local"`` =
+            nnsight's local dry run of the remote protocol, or an NDIF host URL; ``mode="plain"``
+            only); ``None``: the model's own setting (``kv.load(name, remote=True)``).
         progress: show a progress bar over cells.
     """
     kinds = check_kinds(kind)
     check_args(model, samples, window if set(kinds) & {"mlp", "attn"} else 1)
-    check_mode(mode, remote)
-    setup = prepare(model, prompt, subject, target, noise=noise, samples=samples, seed=seed)
+    check_mode(mode, remote, model)
+    setup = prepare(model, prompt, subject, target, noise=noise, samples=samples, seed=seed, remote=remote)
     if mode == "approx":
         from kvlens.causal.approx import attribution_scores
 
@@ -148,7 +160,7 @@ def trace(model: KVModel, prompt: str, subject: str, target: str | int | Sequenc
 
 
 def run_cells(model: KVModel, setup: Setup, cells: list[Cell], window: int, *, mode: str, memory: int | None,
-              per_forward: int, remote: bool, progress: bool, desc: str) -> torch.Tensor:
+              per_forward: int, remote: Remote | None, progress: bool, desc: str) -> torch.Tensor:
     """Scores of ``cells`` by the exact or the plain procedure, with a progress bar."""
     from tqdm.auto import tqdm
 

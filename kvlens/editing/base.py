@@ -78,6 +78,7 @@ class EditMethod(abc.ABC):
         is called after each optimisation step (:class:`~kvlens.editing._shared.EditProgress`); an
         exception it raises stops the computation with the model left bit-identical.
         """
+        model.require_local(f"{type(self).__name__}.compute")
         reqs = check_requests(requests)
         hp = self.hparams_for(model)
         self.check(model, hp)

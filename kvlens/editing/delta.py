@@ -264,6 +264,11 @@ class WeightDelta:
             ValueError: the model's weights are not the ones the delta was computed for.
             BadInput: the change is not finite or overflows the weights' dtype.
         """
+        model.require_local("delta.apply (writing weights)")
+        from kvlens.editing.adapters import apply_beside, quantized_parts
+
+        if quantized_parts(self, model):  # packed 4-bit/8-bit weights: low-rank adapters beside them
+            return apply_beside(self, model, force=force)  # type: ignore[return-value]
         self._check_target(model, force)
         originals = {key: model.projection(*key).weight.detach().clone() for key in self.parts}
         written = {key: self._added(model, key, originals[key]) for key in self.parts}
@@ -308,6 +313,13 @@ class WeightDelta:
             if handle.active:
                 handle.revert(force=True)
 
+    def intervened(self, model: KVModel, *, force: bool = False) -> contextlib.AbstractContextManager:
+        """``with delta.intervened(model):`` the value edit as standing trace writes (weights untouched;
+        remote models too). See :func:`kvlens.editing.adapters.intervened`."""
+        from kvlens.editing.adapters import intervened
+
+        return intervened(self, model, force=force)
+
     def writes(self, model: KVModel) -> dict[Site, Write]:
         """The delta as trace writes for :func:`kvlens.tracing.run`; the weights stay untouched.
 
@@ -326,10 +338,11 @@ class WeightDelta:
                 stash["k"] = state
                 return state
 
-            def add(state: torch.Tensor, stash: dict[str, torch.Tensor] = stash, part: Part = part) -> torch.Tensor:
-                change = stash["k"].float() @ part.left.to(state.device).float()
-                if part.right is not None:
-                    change = change @ part.right.to(state.device).float()
+            def add(state: torch.Tensor, stash: dict[str, torch.Tensor] = stash, left: torch.Tensor = part.left,
+                    right: torch.Tensor | None = part.right) -> torch.Tensor:  # torch only: runs remotely too
+                change = stash["k"].float() @ left.to(state.device).float()
+                if right is not None:
+                    change = change @ right.to(state.device).float()
                 return state + change.to(state.dtype)
 
             writes[Site("key", layer)] = keep

@@ -100,6 +100,13 @@ class FineTune(EditMethod):
     def check(self, model: KVModel, hp: FTHparams) -> None:
         check_layers(model, hp.layers)
         check_role(model, hp.role)
+        from kvlens.editing.adapters import is_quantized
+
+        packed = [l for l in hp.layers if is_quantized(model.projection(l, hp.role).weight)]
+        if packed:
+            raise TypeError(f"full-matrix fine-tuning cannot train the quantized (bitsandbytes) {hp.role} weights of "
+                            f"layers {packed}: packed 4-bit/8-bit parameters take no gradient. Use LoRA on them "
+                            f"(LoRA{hp.role.capitalize()}s(), the QLoRA recipe), or load the model in full precision")
 
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: FTHparams, **_: Any) -> WeightDelta:
         layers = check_layers(model, hp.layers)

@@ -75,6 +75,10 @@ class LoRA(EditMethod):
         from peft import LoraConfig
         from peft.tuners.lora import LoraModel
 
+        from kvlens.editing.adapters import prepare_kbit
+
+        prepare_kbit(model)  # 4-bit models: QLoRA's preparation (Dettmers et al. 2023; Qiu et al. 2024)
+
         layers = check_layers(model, hp.layers)
         templates = context_templates(model, hp.contexts)
         rows = build_rows(model, requests, templates, kl=hp.kl_factor > 0)

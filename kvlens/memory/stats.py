@@ -167,6 +167,7 @@ def second_moments(model: KVModel, layers: Sequence[int], corpus: Corpus | None 
         dtype: storage dtype of C (accumulated in float64).
         cache: read/write the on-disk cache.
     """
+    model.require_local("second_moments (statistics over a corpus)")
     layers = sorted({model.check_layer(l) for l in layers})
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")

@@ -12,11 +12,13 @@ is the input of the value projection. Positions of states are named by :class:`S
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
+import nnsight
 import torch
 from nnsight.modeling.transformers import TransformersModel
 from torch import nn
@@ -147,6 +149,14 @@ def _walk(envoy: Any, path: str) -> Any:
     return envoy
 
 
+def offloaded_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a layer offloaded by accelerate (CPU/disk ``device_map``), read from its hook."""
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        raise RuntimeError(f"{type(module).__name__} holds a meta weight and no accelerate offload hook to read it from")
+    return weights["weight"]
+
+
 class KVModel:
     """A causal LM seen as key-value memories: the nnsight model, the HF model, its spec.
 
@@ -156,8 +166,10 @@ class KVModel:
     """
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, spec: ArchSpec, *,
-                 name: str = "", prefix: str = "") -> None:
+                 name: str = "", prefix: str = "", nn_model: Any = None, remote: bool | str = False) -> None:
         self.hf = hf_model
+        #: where forwards through :mod:`kvlens.tracing` run by default (see ``tracing.Remote``)
+        self.remote: bool | str = remote
         self.tokenizer = tokenizer
         self.spec = spec
         self.name = name or getattr(hf_model.config, "name_or_path", "") or spec.model_type
@@ -180,7 +192,52 @@ class KVModel:
             tokenizer.pad_token = tokenizer.eos_token
         hf_model.eval()
         hf_model.requires_grad_(False)
-        self.nn = TransformersModel(hf_model, tokenizer=tokenizer)
+        self.nn = TransformersModel(hf_model, tokenizer=tokenizer) if nn_model is None else nn_model
+        self.standing: tuple[dict[Any, Any], ...] = ()  # interventions every seam forward applies
+        self._digests: dict[tuple[int, str], tuple[tuple[Any, ...], bytes]] = {}  # see _weight_digest
+        self._fetched: dict[str, nn.Module] = {}  # leaf modules read through a trace (no local weights)
+
+    # ---- where the weights are -----------------------------------------------------------
+    @property
+    def local_weights(self) -> bool:
+        """False for a model built without its weights (``kv.load(name, remote=True)``)."""
+        return not self.hf.get_submodule(self.spec.embedding).weight.is_meta
+
+    def module(self, path: str) -> nn.Module:
+        """The HF submodule at ``path``; for a model without local weights, a local copy whose
+        parameters were read through one nnsight trace (remote when the model is), kept.
+
+        Only leaf modules (projections, norms, embeddings) can be fetched: what the inspect
+        verbs read (values, vocabulary projections, the final norm).
+        """
+        module = self.hf.get_submodule(path)
+        if self.local_weights:
+            return module
+        if path not in self._fetched:
+            names = [n for n, _ in module.named_parameters(recurse=False)]
+            if list(module.children()) or not names:
+                raise RuntimeError(f"{path} is not a leaf module with weights: it cannot be read through a trace")
+            envoy = _walk(self.nn, path)
+            ids = torch.tensor([[int(self.tokenizer.pad_token_id or 0)]])
+            options = {"remote": self.remote} if self.remote else {}
+            with torch.no_grad(), self.nn.trace(input_ids=ids, **options) as tracer:
+                got = nnsight.save([getattr(envoy, n) for n in names])
+                tracer.stop()
+            local = copy.deepcopy(module).to_empty(device="cpu")
+            with torch.no_grad():
+                for n, tensor in zip(names, got):
+                    getattr(local, n).copy_(tensor.detach().to("cpu"))
+            self._fetched[path] = local.eval().requires_grad_(False)
+        return self._fetched[path]
+
+    def require_local(self, what: str) -> None:
+        """Refuse ``what`` (before any work) when this model has no local weights."""
+        if not self.local_weights:
+            raise RuntimeError(
+                f"{what} needs the model's weights here, but {self.name} was loaded with remote={self.remote!r} "
+                "(nnsight's meta loading: no local weights). It can run remotely: trace/sever (mode='plain'), "
+                "keys, values, find_memories, logit_lens, intervene, and a value-side delta as "
+                "delta.intervened(model); for this, load the model locally: kv.load(name)")
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -197,6 +254,8 @@ class KVModel:
 
     @property
     def d_ff(self) -> int:
+        if not self.local_weights:  # the meta skeleton's shape (reading K would fetch it)
+            return int(self.canonical(self.mlp(0).get_submodule(self.spec.key).weight, "key").shape[0])
         return int(self.K(0).shape[0])
 
     @property
@@ -205,7 +264,9 @@ class KVModel:
 
     @property
     def device(self) -> torch.device:
-        return weight_of(self.embedding).device
+        """Where inputs go: the embedding's device (the CPU for a model without local weights)."""
+        weight = weight_of(self.hf.get_submodule(self.spec.embedding))  # no fetch through a trace
+        return torch.device("cpu") if weight.is_meta else weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -241,7 +302,10 @@ class KVModel:
         path = {"key": self.spec.key, "gate": self.spec.gate, "value": self.spec.value}[role]
         if path is None:
             raise ValueError(f"{self.spec.model_type} has no gate projection (its FFN is not gated)")
-        module = self.mlp(layer).get_submodule(path)
+        if self.local_weights:
+            module = self.mlp(layer).get_submodule(path)
+        else:
+            module = self.module(f"{self.spec.layers}.{self.check_layer(layer)}.{self.spec.mlp}.{path}")
         weight_of(module)  # a projection holds a weight tensor
         return cast(Projection, module)
 
@@ -250,16 +314,16 @@ class KVModel:
 
     @property
     def embedding(self) -> nn.Module:
-        return self.hf.get_submodule(self.spec.embedding)
+        return self.module(self.spec.embedding)
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.hf.get_submodule(self.spec.final_norm)
+        return self.module(self.spec.final_norm)
 
     @property
     def unembedding(self) -> Projection:
         """The LM head: ``weight`` is ``[vocab, d_model]``."""
-        module = self.hf.get_submodule(self.spec.unembedding)
+        module = self.module(self.spec.unembedding)
         weight_of(module)
         return cast(Projection, module)
 
@@ -273,6 +337,8 @@ class KVModel:
         """
         module = self.projection(layer, role)
         w = module.weight
+        if w.is_meta and self.local_weights:  # offloaded by accelerate (device_map): its hook holds the weight
+            return offloaded_weight(module)
         if getattr(w, "quant_state", None) is None and getattr(w, "SCB", None) is None:
             return w
         if not isinstance(module, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are Linear
@@ -370,10 +436,26 @@ class KVModel:
         h.update(f"{self.spec.model_type}:{self.n_layers}:{self.d_model}:{self.d_ff}".encode())
         for layer in (range(self.n_layers) if layers is None else layers):
             for role in (self.roles() if roles is None else roles):
-                w = self.weight(layer, role).detach()
                 h.update(f"{layer}.{role}".encode())
-                h.update(w.to("cpu", torch.float32).contiguous().numpy().tobytes())
+                h.update(self._weight_digest(layer, role))
         return h.hexdigest()
+
+    def _weight_digest(self, layer: int, role: Role) -> bytes:
+        """SHA-256 of one FFN weight, computed once per weight state.
+
+        Kept per tensor with its version (``data_ptr``, in-place ``_version``, shape, dtype): every
+        in-place write (``delta.apply``/``revert``, an optimiser step) bumps ``_version``, and a
+        swapped tensor has another ``data_ptr``, so a stale digest is never reused.
+        """
+        stored = self.projection(layer, role).weight
+        version = (stored.data_ptr(), stored._version, tuple(stored.shape), stored.dtype, stored.is_meta)
+        cached = self._digests.get((layer, role))
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        w = self.weight(layer, role).detach()
+        digest = hashlib.sha256(w.to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
+        self._digests[(layer, role)] = (version, digest)
+        return digest
 
     def card(self) -> dict[str, Any]:
         """A plain description for reports and reprs."""
@@ -406,7 +488,7 @@ class KVModel:
                 ) from None
         for role in self.roles():
             try:
-                self.projection(0, role)
+                weight_of(self.mlp(0).get_submodule(getattr(self.spec, role)))  # no fetch through a trace
             except (AttributeError, TypeError) as exc:
                 what = "does not have" if isinstance(exc, AttributeError) else "has, but it holds no weight"
                 raise ValueError(

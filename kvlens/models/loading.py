@@ -285,7 +285,8 @@ def _quantization_config(load_in_4bit: bool) -> Any:
         ) from exc
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    # QLoRA's recipe (Dettmers et al. 2023; Qiu et al. 2024): NF4 with double quantisation
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.float32)
 
 
@@ -306,7 +307,8 @@ def _quiet_loading(quiet: bool) -> Iterator[None]:
 
 def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, device_map: str | dict[str, Any] | None = None,
-         load_in_4bit: bool = False, prefix: str | None = None, **from_pretrained: Any) -> KVModel:
+         load_in_4bit: bool = False, prefix: str | None = None, remote: bool | str = False,
+         **from_pretrained: Any) -> KVModel:
     """Load a causal LM as a :class:`KVModel`.
 
     Args:
@@ -318,12 +320,23 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
         load_in_4bit: NF4 weights through bitsandbytes; an error where it cannot run
             (never a silent full-precision load).
         prefix: text put before every prompt (the embedded default uses ``<|endoftext|>``).
+        remote: build the model *without local weights* (nnsight's meta loading) and run every
+            forward remotely: ``True`` on NDIF (a model NDIF serves, by its hub id; API key as
+            nnsight documents), an NDIF host URL (e.g. a local NDIF server), or ``"local"``
+            (nnsight's local dry run of the remote protocol, which loads the weights here on the
+            first forward). Operations that need local weights refuse (``model.require_local``).
         **from_pretrained: further keyword arguments for ``from_pretrained`` (e.g. ``revision``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
+    if remote and (device is not None or device_map is not None or load_in_4bit):
+        raise ValueError("remote models hold no local weights: device, device_map and load_in_4bit do not apply "
+                         "(the server places and quantizes the model)")
+    if load_in_4bit and dtype not in (None, "auto", torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"load_in_4bit=True computes in float32, float16 or bfloat16; dtype={dtype!r} is not one "
+                         "bitsandbytes can handle: pass one of those (or leave dtype unset)")
     quant = _quantization_config(load_in_4bit)
     where = "hub"
     if name_or_dir is None:
@@ -341,6 +354,9 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
     if dtype is None:
         gpu = device_map is not None or (device is not None and torch.device(device).type != "cpu")
         dtype = "auto" if gpu else torch.float32
+    if remote:
+        return _load_remote(source, display, default_prefix if prefix is None else prefix, remote, dtype,
+                            from_pretrained)
     kwargs: dict[str, Any] = dict(from_pretrained, dtype=dtype)
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -363,3 +379,24 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
         model.to(device)
     model.config.name_or_path = display
     return wrap(model, tokenizer, name=display, prefix=default_prefix if prefix is None else prefix)
+
+
+def _load_remote(source: str | Path, display: str, prefix: str, remote: bool | str, dtype: Any,
+                 from_pretrained: dict[str, Any]) -> KVModel:
+    """A :class:`KVModel` on nnsight's meta skeleton: config and tokenizer only, no weights."""
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    from kvlens.models.registry import get_arch
+
+    if not (remote is True or isinstance(remote, str)):
+        raise TypeError(f"remote must be True, 'local' or an NDIF host URL, got {remote!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        nn_model = TransformersModel(str(source), tokenizer=tokenizer, task="text-generation", dtype=dtype,
+                                     **from_pretrained)
+    except OSError as exc:
+        raise OSError(f"could not read the config of {display!r} for a remote model: {exc}") from exc
+    hf = nn_model._module
+    return KVModel(hf, tokenizer, get_arch(hf.config.model_type), name=display, prefix=prefix, nn_model=nn_model,
+                   remote=remote)
