@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny
 
 import kvlens as kv
 from kvlens.causal.severed import LayerChoice, SeveredTrace, pool_edit_layers, suggest_edit_layers
-from conftest import tiny
 
 
 def _trace(subject: str, gap: list[float]) -> SeveredTrace:

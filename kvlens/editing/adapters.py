@@ -20,7 +20,8 @@ Both check the delta against the model's fingerprints first: a delta computed on
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 

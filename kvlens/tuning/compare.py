@@ -11,16 +11,24 @@ present, the memory budget); the user's model is left bit-identical.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from kvlens.metrics import Estimate
 from kvlens.models.kvmodel import KVModel
 from kvlens.tuning.hparams import TuneHParams
 from kvlens.tuning.score import TaskScore, evaluate_tasks
 from kvlens.tuning.tasks import Task, check_tokenization, load_bundled_tasks
-from kvlens.tuning.train import (check_no_adapters, check_variants, lora_targets, plan_batch, train,
-                                 training_rows, tuned_model)
+from kvlens.tuning.train import (
+    check_no_adapters,
+    check_variants,
+    lora_targets,
+    plan_batch,
+    train,
+    training_rows,
+    tuned_model,
+)
 
 BASELINE = "untuned"
 

@@ -11,8 +11,9 @@ validation / test split (at most ``test_limit``, Qiu's 1000). Offline these fail
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kvlens.datasets import hub_dataset
 from kvlens.tuning.tasks import Task, TaskExample

@@ -22,9 +22,10 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from kvlens.bundled_data import data_dir
 from kvlens.prompts import continuation, continuation_ids
