@@ -49,9 +49,10 @@ STEPPER, BROWSER = 1, 2
 #: ``until`` sees ``{charts, texts}``: the cell's Plotly charts (title) and its HTML widgets' texts.
 TIMED_JS = """async ([cell, action, until, timeoutMs]) => {
   const root = document.querySelectorAll('.jp-Notebook .jp-CodeCell')[cell].querySelector('.jp-OutputArea');
-  const title = (el) => { const t = (el.layout || {}).title; return t && typeof t === 'object' ? (t.text || '') : (t || ''); };
-  const view = () => ({charts: [...root.querySelectorAll('.js-plotly-plot')].map(el => ({title: title(el),
-                                                                                           traces: (el.data || []).length})),
+  const title = (el) => { const t = (el.layout || {}).title;
+                          return t && typeof t === 'object' ? (t.text || '') : (t || ''); };
+  const view = () => ({charts: [...root.querySelectorAll('.js-plotly-plot')].map(el => ({
+                         title: title(el), traces: (el.data || []).length})),
                        texts: [...root.querySelectorAll('.widget-html-content')].map(e => e.textContent)});
   const check = new Function('v', 'return (' + until + ')(v);');
   const t0 = performance.now();

@@ -23,7 +23,7 @@ import os
 import re
 import socket
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ class Corpus:
 
 
 # ---- sources -------------------------------------------------------------------------------
-def _read_file(path: Path) -> Iterator[str]:
+def _read_file(path: Path) -> Generator[str, None, None]:
     """Documents of one file: one per JSON line for ``.jsonl`` (field ``text``), else the file.
 
     Raises:
@@ -98,7 +98,7 @@ def _read_file(path: Path) -> Iterator[str]:
                                   "rename it without .gz or compress it with gzip")
     opener = gzip.open if gz else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        with opener(path, "rt", encoding="utf-8") as f:
             if stem.suffix == ".jsonl":
                 for number, line in enumerate(f, 1):
                     if line.strip():

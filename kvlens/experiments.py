@@ -127,12 +127,14 @@ def compare_methods(model: KVModel, requests: Any, methods: Sequence[str] | Mapp
     gen: dict[str, Any] = dict(generation=generation, max_new_tokens=max_new_tokens, seed=seed)
     baseline = evaluate(model, cases, **gen)
     reqs = requests_of(cases)
-    reports, seconds = {}, {}
+    reports: dict[str, EditReport] = {}
+    seconds: dict[str, float] = {}
     for name, (factory, _side) in chosen.items():
         t0 = time.perf_counter()
         if mode == "independent":
-            reports[name] = evaluate_each(model, factory(), cases, baseline=baseline, label=name, **independent)
-            seconds[name] = reports[name].protocol["compute_seconds"]
+            report = evaluate_each(model, factory(), cases, baseline=baseline, label=name, **independent)
+            reports[name] = report
+            seconds[name] = report.protocol["compute_seconds"]
         else:
             delta = compute_delta(model, factory(), reqs, mode)
             seconds[name] = time.perf_counter() - t0
@@ -166,7 +168,7 @@ def paired_difference(a: EditReport, b: EditReport, metric: str, *, state: str =
             return float(100.0 * (x[0, i].mean() - y[0, i].mean()))
         return float(100.0 * (harmonic_mean(x[:, i].mean(1)) - harmonic_mean(y[:, i].mean(1))))
 
-    n = x.shape[1]
+    n = int(x.shape[1])
     rng = np.random.default_rng(seed)
     boots = [stat(rng.integers(0, n, n)) for _ in range(n_boot)]
     low, high = np.percentile(boots, [2.5, 97.5])

@@ -174,6 +174,8 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
         if fallback:
             deltas = [copy.deepcopy(method).compute(model, [r], report=False, **compute_kwargs) for r in chunk_reqs]
         else:
+            if each is None:  # fallback is empty only when the method batches per row
+                raise RuntimeError(f"{type(method).__name__} has no per-row compute_each to batch with")
             deltas = each(model, chunk_reqs, batch_size=size, **compute_kwargs)
         seconds["compute"] += time.perf_counter() - start
         start = time.perf_counter()
@@ -197,7 +199,8 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
                 "batch_size": size, "fallback": ", ".join(fallback) or None,
                 "compute_seconds": seconds["compute"], "evaluate_seconds": seconds["evaluate"],
                 "steps": [_steps(i) for i in infos]}
-    return IndependentReport(model=model.name, method=label or type(method).__name__, cases=tuple(cases), per_case=per_case,
+    return IndependentReport(model=model.name, method=label or type(method).__name__, cases=tuple(cases),
+                             per_case=per_case,
                              aggregate={s: aggregate(r) for s, r in per_case.items()},
                              seconds=time.perf_counter() - t0, raw={"before": before, "after": after},
                              protocol=protocol)

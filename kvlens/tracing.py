@@ -15,7 +15,7 @@ Only this module and :mod:`kvlens.models` import nnsight.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ def trace_options(model: KVModel, remote: Remote | None = None) -> dict[str, Any
 
 
 @contextlib.contextmanager
-def remote_errors(options: Mapping[str, Any]):
+def remote_errors(options: Mapping[str, Any]) -> Iterator[None]:
     """Name nnsight's own message when a remote (NDIF) request fails: model not served, no API key,
     host unreachable, or a model whose identity is a local folder NDIF cannot know."""
     where = options.get("remote")
@@ -85,7 +85,7 @@ def with_standing(model: KVModel, write: Mapping[Site, Write] | None) -> dict[Si
 
 
 @contextlib.contextmanager
-def standing(model: KVModel, writes: Mapping[Site, Write]):
+def standing(model: KVModel, writes: Mapping[Site, Write]) -> Iterator[None]:
     """Within the block every forward through this seam (:func:`run`, :func:`record`) applies
     ``writes`` before its own: an edit seen as part of the model, weights untouched (so it works
     on remote and quantized models). Nested blocks stack in order.
@@ -189,7 +189,7 @@ def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None =
     root, options = model.nn, trace_options(model, remote)
     with remote_errors(options), torch.no_grad(), root.trace(**batch.inputs(), use_cache=True, **options):
         saved = nnsight.save([])
-        for i, (envoy, attr, fn, keep) in enumerate(steps):
+        for i, (envoy, attr, fn, _keep) in enumerate(steps):
             if i == first:
                 resid_in = nnsight.save(layer0.input)
             value = getattr(envoy, attr)
@@ -201,9 +201,9 @@ def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None =
         out = nnsight.save(root.output)
     states = dict(zip(sites, saved))
     cache = out.cache
-    return Record(resid_in, *([states[Site(k, j)] for j in range(n)] for k in ("attn", "mlp", "resid")),
-                  states[Site("logits")], out.logits, [cache.layers[j].keys for j in range(n)],
-                  [cache.layers[j].values for j in range(n)])
+    attn, mlp, resid = ([states[Site(k, j)] for j in range(n)] for k in ("attn", "mlp", "resid"))
+    return Record(resid_in, attn, mlp, resid, states[Site("logits")], out.logits,
+                  [cache.layers[j].keys for j in range(n)], [cache.layers[j].values for j in range(n)])
 
 
 def capture(model: KVModel, prompts: str | Sequence[str], sites: Iterable[Site]
@@ -269,7 +269,7 @@ def add_at(rows: torch.Tensor | Sequence[int], cols: torch.Tensor | Sequence[int
 
 
 @contextlib.contextmanager
-def trainable(*tensors: torch.nn.Parameter):
+def trainable(*tensors: torch.nn.Parameter) -> Iterator[None]:
     """Enable ``requires_grad`` on ``tensors`` for the block, then restore each flag."""
     flags = [t.requires_grad for t in tensors]
     try:
@@ -299,7 +299,8 @@ class Prefix:
     start: torch.Tensor  # [R] long
     batch: Batch
     positions: torch.Tensor  # [R, W] true position of each suffix column (padding: the row's last)
-    top: object  # layer ``upto``'s output as it returns it (tensor or tuple), its states in suffix layout
+    # layer ``upto``'s output as it returns it (tensor or tuple), its states in suffix layout
+    top: torch.Tensor | tuple[Any, ...]
     past_mask: torch.Tensor  # [R, P]
     # per layer [R, heads, P, head_dim]; None for layers 1..upto (skipped: never read); () when P == 0
     keys: tuple[torch.Tensor | None, ...]
@@ -333,10 +334,13 @@ class Prefix:
                                "attention_mask": torch.cat([self.past_mask.to(dev), b.attention_mask], 1),
                                "position_ids": self.positions.to(dev)}
         if self.keys:
+            k0, v0 = self.keys[0], self.values[0]
+            if k0 is None or v0 is None:  # prefix_run always keeps layer 0's past
+                raise ValueError("this prefix holds no cached keys/values for layer 0: build it with prefix_run")
             cache = DynamicCache(config=model.config)
             for layer, (k, v) in enumerate(zip(self.keys, self.values)):
                 # skipped layers hold layer 0's past: never read, but the cache reports its length
-                cache.update(self.keys[0] if k is None else k, self.values[0] if v is None else v, layer)
+                cache.update(k0 if k is None else k, v0 if v is None else v, layer)
             out["cache"] = cache
             out["use_cache"] = True
         return out
@@ -375,7 +379,7 @@ def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | No
         envoy, _ = model.envoy(Site("resid", upto))
         top = nnsight.save(envoy.output)
         if cache is not None and upto < last.layer:  # every layer fills the cache; the head is not needed
-            model.envoy(last)[0].output
+            model.envoy(last)[0].output  # noqa: B018 (reading it makes nnsight run every layer and fill the cache)
         tracer.stop()
     dev = batch.input_ids.device
     suffix = (start.view(-1, 1) + torch.arange(width)).to(dev)
@@ -388,12 +392,16 @@ def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | No
     if cache is not None:
         index = past.clamp_min(0).view(len(batch), 1, past_len, 1)
 
-        def gather(x: torch.Tensor) -> torch.Tensor:
+        def gather(layer: object, name: str, j: int) -> torch.Tensor:
+            x = getattr(layer, name, None)
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"layer {j}'s attention cache holds no {name} tensor "
+                                f"({type(layer).__name__}): its prefix cannot be kept")
             return x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[3]))
 
         kept = [j == 0 or j > upto for j in range(model.n_layers)]
-        keys = tuple(gather(cache.layers[j].keys) if kept[j] else None for j in range(model.n_layers))
-        values = tuple(gather(cache.layers[j].values) if kept[j] else None for j in range(model.n_layers))
+        keys = tuple(gather(cache.layers[j], "keys", j) if kept[j] else None for j in range(model.n_layers))
+        values = tuple(gather(cache.layers[j], "values", j) if kept[j] else None for j in range(model.n_layers))
     ids = batch.input_ids.gather(1, suffix) * suffix_mask
     rows = torch.arange(len(batch), device=dev).view(-1, 1)
     top = (top[0][rows, suffix], *top[1:]) if isinstance(top, tuple) else top[rows, suffix]

@@ -256,7 +256,8 @@ def _kernel_connected(server: LabServer, name: str) -> bool:
 #: Whether Lab's kernel indicator reads idle (the status bar's "| Idle" and the toolbar's indicator).
 _IDLE_JS = r"""() => { const el = document.querySelector('.jp-Notebook-ExecutionIndicator');
                      const bar = document.querySelector('#jp-main-statusbar');
-                     return !!el && el.getAttribute('data-status') === 'idle' && !!bar && /\|\s*Idle/.test(bar.textContent); }"""
+                     return !!el && el.getAttribute('data-status') === 'idle'
+                            && !!bar && /\|\s*Idle/.test(bar.textContent); }"""
 
 
 def wait_kernel_idle(page: Any, timeout: float, settle: float = 1.0) -> None:

@@ -153,7 +153,7 @@ def test_exported_notebook_with_widget_state_renders_offline(browser, tmp_path):
     assert path.stat().st_size < len(plotly.offline.get_plotlyjs()) + 5_000_000  # notebook_mode's copy dropped
 
     page, errors, requests = open_page(browser, path)
-    page.wait_for_selector(".widget-html-content", timeout=30_000)
+    page.wait_for_selector("text=ZeroDivisionError", timeout=30_000)  # the app's message line, drawn
     total, drawn = rendered_figures(page, 2)
     assert total == 2 and drawn == 2  # the static figure and the FigureWidget
     assert "ZeroDivisionError: division by zero" in page.inner_text("body")

@@ -125,7 +125,8 @@ def test_memit_and_alphaedit_batched_equal_one_by_one(name, family):
 def test_memit_compute_each_equals_compute_and_alphaedit_keeps_its_keys():
     model = tiny("gpt2")
     st = stats(model, [0, 1])
-    reqs = [EditRequest("{} lives in", "Alice", "Paris"), EditRequest("{} lives in", "Alice", "Oslo")]  # conflict: fine alone
+    # conflict: fine alone
+    reqs = [EditRequest("{} lives in", "Alice", "Paris"), EditRequest("{} lives in", "Alice", "Oslo")]
     method = MEMIT(MEMITHparams(layers=(0, 1), lam=1.0, opt=OPT, contexts=CTX))
     each = method.compute_each(model, reqs, stats=st)
     for r, d in zip(reqs, each):
@@ -212,7 +213,8 @@ def test_per_row_writes_match_the_applied_delta_and_refuse_key_parts():
     model = tiny("gpt2")
     g = torch.Generator().manual_seed(1)
     dense = {(1, "value"): Part(0.1 * torch.randn(model.d_ff, model.d_model, generator=g))}
-    low = {(0, "value"): Part(torch.randn(model.d_ff, 2, generator=g), 0.1 * torch.randn(2, model.d_model, generator=g))}
+    low = {(0, "value"): Part(torch.randn(model.d_ff, 2, generator=g),
+                              0.1 * torch.randn(2, model.d_model, generator=g))}
     changes = stack_changes([dense, low, {}])
     batch = model.tokenize(["Alice lives in", "Bob lives", "Carol"])
     logits = tracing.run(model, batch, read=[Site("logits")], write=changes.writes(torch.tensor([0, 1, 2])))

@@ -91,7 +91,8 @@ def test_choose_edit_layers_on_a_tiny_model_and_its_figure_and_section():
     fig = layer_choice_chart(choice)
     segments = [t for t in fig.data if t.legendgroup == "facts"]
     assert len(segments) == 3
-    assert {(round(t.x[0] + 0.4), round(t.x[1] + 0.6)) for t in segments} == {(r.start, r.stop) for r in choice.per_fact}
+    assert ({(round(t.x[0] + 0.4), round(t.x[1] + 0.6)) for t in segments}
+            == {(r.start, r.stop) for r in choice.per_fact})
     (section,) = to_sections(choice)
     assert section.params["layers"] == [choice.layers.start, choice.last]
 

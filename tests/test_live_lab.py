@@ -168,7 +168,8 @@ def test_run_all_draws_the_apps(live: ll.LivePage) -> None:
     assert ll.chart_problems([values, firing], what="MemoryBrowser chart") == []
     assert re.search(r"m\d+", values["title"]) and re.search(r"m\d+", firing["title"])
     live.output(EXPLORER).scroll_into_view_if_needed()
-    explorer = wait_until(lambda: len([c for c in charts(live, EXPLORER) if c["traces"]]) >= 2 and charts(live, EXPLORER),
+    explorer = wait_until(lambda: (len([c for c in charts(live, EXPLORER) if c["traces"]]) >= 2
+                                   and charts(live, EXPLORER)),
                           "the trace charts", 600)
     assert ll.chart_problems(explorer, what="TraceExplorer chart") == []
     heat = explorer[0]
@@ -215,10 +216,12 @@ def test_heatmap_click_shows_that_cell(live: ll.LivePage) -> None:
         live.page.mouse.click(x, y)
         token, layer = expected
         shows = re.compile(rf"token {token} .*, layer {layer}\b")
-        text = wait_until(lambda: next((t for t in html_texts(live, EXPLORER) if shows.search(t)), None),
+        text = wait_until(lambda shows=shows: next((t for t in html_texts(live, EXPLORER) if shows.search(t)), None),
                           f"the detail of cell ({token}, {layer})", 300)
-        detail = wait_until(lambda: (c := charts(live, EXPLORER)) and f"token {token}, layer {layer}" in c[1]["title"]
-                            and c[1], "the cell's detail chart", 300)
+        detail = wait_until(lambda token=token, layer=layer: ((c := charts(live, EXPLORER))
+                                                              and f"token {token}, layer {layer}" in c[1]["title"]
+                                                              and c[1]),
+                            "the cell's detail chart", 300)
         assert ll.chart_problems([detail], what="cell detail chart") == []
         seen.append((text, detail["title"], before_title))
     assert seen[0][1] != seen[1][1], "two different cells showed the same detail"

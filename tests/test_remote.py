@@ -129,7 +129,8 @@ def test_key_parts_cannot_be_interventions_and_other_weights_are_refused(m):
 
 def test_remote_true_without_a_served_model_names_nnsights_message(m):
     batch = m.tokenize("x")
-    with pytest.raises(RuntimeError, match=r"(?s)nnsight.s remote execution \(remote=True\) failed: HFValidationError: .*API key"):
+    with pytest.raises(RuntimeError,
+                       match=r"(?s)nnsight.s remote execution \(remote=True\) failed: HFValidationError: .*API key"):
         tracing.run(m, batch, read=[Site("logits")], remote=True)
     with pytest.raises(TypeError, match="remote must be"):
         tracing.run(m, batch, read=[Site("logits")], remote=3)

@@ -114,7 +114,8 @@ def test_edit_results_render(tmp_path):
     titles = [s.title for s in r.sections]
     assert titles == ["Edit: ft (value weights)", "Edit: ft, target probability on each edited prompt",
                       "Edit: ft, optimisation", "Evaluate: FT values", "Edit: sequential edits, weight norms"]
-    assert r.sections[0].table == [{"layer": 1, "role": "value", "rank": "dense", "norm": delta.parts[(1, "value")].norm()}]
+    assert r.sections[0].table == [{"layer": 1, "role": "value", "rank": "dense",
+                                    "norm": delta.parts[(1, "value")].norm()}]
     assert r.sections[0].params["fingerprints"] == {"1.value": delta.base[(1, "value")]}
     assert {row["metric"] for row in r.sections[3].table} >= {"ES", "PS", "NS"}
     assert len(r.sections[4].table) == 3  # norms before, after the push, after the undo
@@ -131,4 +132,5 @@ def test_causal_trace_renders_with_its_parameters():
     assert section.params["mode"] == "approx" and section.params["kinds"] == ["hidden", "mlp", "attn"]
     assert [row["kind"] for row in section.table] == ["hidden", "mlp", "attn"]
     token, layer = tr.peak("mlp")
-    assert section.table[1]["layer"] == layer and section.table[1]["indirect effect"] == float(tr.effect("mlp")[token, layer])
+    assert section.table[1]["layer"] == layer
+    assert section.table[1]["indirect effect"] == float(tr.effect("mlp")[token, layer])

@@ -18,7 +18,9 @@ from kvlens.tuning.train import VARIANTS, BatchPlan, check_variants, plan_batch
 
 
 def parity(n_train: int = 24, n_test: int = 12, template: str = "even or odd? {text} =") -> Task:
-    lab = lambda i: "even" if i % 2 == 0 else "odd"
+    def lab(i: int) -> str:
+        return "even" if i % 2 == 0 else "odd"
+
     return Task("parity", template, ("even", "odd"), [(str(i), lab(i)) for i in range(n_train)],
                 [(str(i), lab(i)) for i in range(100, 100 + n_test)])
 

@@ -37,7 +37,8 @@ def test_a_broken_task_file_fails_the_check(embedded, tmp_path):
     result = check.check_task_file(embedded, bad)
     assert not result.passed and "'odd'" in result.problem and "not named in the prompt" in result.problem
     task = json.loads((DATA / "tasks" / "parity.json").read_text(encoding="utf-8"))
-    task["train"] = [e for e in task["train"] if e["label"] == "even"] + [e for e in task["train"] if e["label"] == "odd"][:3]
+    task["train"] = ([e for e in task["train"] if e["label"] == "even"]
+                     + [e for e in task["train"] if e["label"] == "odd"][:3])
     bad.write_text(json.dumps(task), encoding="utf-8")
     assert "unbalanced" in check.check_task_file(embedded, bad).problem
     assert check.main([str(DATA / "tasks" / "parity.json")]) == 0

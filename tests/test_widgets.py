@@ -51,7 +51,7 @@ def test_guard_shows_errors_and_warnings_at_the_control_that_caused_them():
     box = app.notice()
 
     def warns() -> int:
-        warnings.warn("the clean run gives the target ' Paris' probability 3e-06")
+        warnings.warn("the clean run gives the target ' Paris' probability 3e-06", stacklevel=1)
         return 1
 
     assert app.guard(warns, "tracing", at=box) == 1

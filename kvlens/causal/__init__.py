@@ -12,5 +12,5 @@ from kvlens.causal.setup import noise_scale
 from kvlens.causal.severed import LayerChoice, SeveredTrace, pool_edit_layers, sever, suggest_edit_layers
 from kvlens.causal.trace import CausalTrace, trace
 
-__all__ = ["CausalTrace", "LayerChoice", "SeveredTrace", "choose_edit_layers", "pool_edit_layers", "TraceSummary", "noise_scale", "rank_correlation", "sever",
-           "suggest_edit_layers", "trace", "trace_many"]
+__all__ = ["CausalTrace", "LayerChoice", "SeveredTrace", "choose_edit_layers", "pool_edit_layers", "TraceSummary",
+           "noise_scale", "rank_correlation", "sever", "suggest_edit_layers", "trace", "trace_many"]

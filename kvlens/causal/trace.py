@@ -108,7 +108,7 @@ def check_mode(mode: str, remote: Remote | None, model: KVModel | None = None) -
     where = model.remote if remote is None and model is not None else remote
     local = model is None or model.local_weights
     if (where or not local) and mode not in REMOTE_MODES:
-        why = f"remote={where!r}" if where else f"{model.name} has no local weights"
+        why = f"remote={where!r}" if where or model is None else f"{model.name} has no local weights"
         raise ValueError(f"mode={mode!r} cannot run remotely ({why}): the exact fast mode drives local modules "
                          f"and the approximate mode needs local gradients; use mode={REMOTE_MODES[0]!r} "
                          f"(modes that run remotely: {REMOTE_MODES})")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -123,7 +123,8 @@ def apply_beside(delta: Any, model: KVModel, *, force: bool = False) -> BesideEd
         for (layer, role), part in delta.parts.items():
             hook = _adapter_hook(part.left.detach(), None if part.right is None else part.right.detach(),
                                  role == "value")
-            handles.append(model.projection(layer, role).register_forward_hook(hook))
+            module = cast(torch.nn.Module, model.projection(layer, role))  # a local projection is a Module
+            handles.append(module.register_forward_hook(hook))
     except BaseException:
         for h in handles:
             h.remove()
@@ -148,7 +149,11 @@ def intervened(delta: Any, model: KVModel, *, force: bool = False) -> Iterator[B
     check_beside(delta, model, force)
     standing = tracing.standing(model, writes)
     standing.__enter__()
-    edit = BesideEdit(delta, model, lambda: standing.__exit__(None, None, None), "interventions")
+
+    def leave() -> None:
+        standing.__exit__(None, None, None)
+
+    edit = BesideEdit(delta, model, leave, "interventions")
     delta._handles[id(model)] = edit
     try:
         yield edit

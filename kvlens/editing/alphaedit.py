@@ -70,7 +70,7 @@ class AlphaEdit(MEMIT):
         top = max(1, model.n_layers // 4)
         return AlphaEditHparams(layers=tuple(range(max(0, top - 2), top + 1)))
 
-    def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: AlphaEditHparams,
+    def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams,
                  **kwargs: Any) -> WeightDelta:
         self._projectors = {}
         committed = dict(self.previous_keys)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import reduce
 from typing import Any, ClassVar, TypeVar
@@ -36,7 +36,7 @@ class EditMethod(abc.ABC):
     """
 
     name: ClassVar[str]
-    presets: ClassVar[dict[str, Any]]
+    presets: ClassVar[Mapping[str, Any]]
 
     def __init__(self, hparams: Any | None = None, *, preset: str | None = None, **overrides: Any) -> None:
         if preset is not None and preset not in self.presets:

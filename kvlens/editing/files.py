@@ -118,7 +118,8 @@ def _build(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptFile(f"{path}: field 'requests' does not hold edit requests "
                           f"({type(exc).__name__}: {exc})") from None
-    info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
+    raw_info = meta.get("info")
+    info = raw_info if isinstance(raw_info, dict) else {}
     try:
         return WeightDelta(parts, method=str(meta["method"]), hparams=meta["hparams"], requests=requests,
                            base=base, model_name=meta.get("model", ""),

@@ -10,7 +10,7 @@ files use ``v_weight_decay 0.5`` with a normalized decay and ``kl_factor 0.0625`
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
@@ -295,7 +295,7 @@ class ReferenceOption:
         return reference_hparams(hp) if self.reference else hp
 
 
-def preset_for(presets: dict[str, Any], model_name: str) -> Any | None:
+def preset_for(presets: Mapping[str, Any], model_name: str) -> Any | None:
     """The preset whose name matches ``model_name`` (case-insensitive, ignoring '-_/'), if any."""
     def norm(s: str) -> str:
         return "".join(c for c in s.lower() if c.isalnum())

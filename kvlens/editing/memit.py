@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -112,7 +112,7 @@ class MEMIT(ReferenceOption, EditMethod):
     """
 
     name = "memit"
-    presets = MEMIT_PRESETS
+    presets: ClassVar[Mapping[str, MEMITHparams]] = MEMIT_PRESETS
     #: MEMIT solves with λC + KKᵀ (Eq. 14), so C must be invertible; AlphaEdit projects instead.
     invertible_moments = True
 
@@ -172,7 +172,7 @@ class MEMIT(ReferenceOption, EditMethod):
         top = Site("resid", hp.layers[-1])
         clean = rows.select(range(n), clean=True)
         grouped = hp.key_average == "groups"
-        parts: list[dict[tuple[int, str], Part]] = [{} for _ in range(n)]
+        parts: list[dict[PartKey, Part]] = [{} for _ in range(n)]
         shares: list[list[dict[str, float]]] = [[] for _ in range(n)]
         for i, layer in enumerate(hp.layers):
             key = Site("key", layer)
@@ -188,7 +188,8 @@ class MEMIT(ReferenceOption, EditMethod):
                 parts[r][(layer, "value")] = Part(left[r].unsqueeze(1), resid[r].float().unsqueeze(0))
                 shares[r].append({"layer": layer, "remaining": float((z[r] - h_now[r]).norm()),
                                   "assigned": float(resid[r].norm())})
-        h_after = subject_states(model, clean, [top], write=stack_changes(parts, model.device).writes(clean.request))[top]
+        h_after = subject_states(model, clean, [top],
+                                 write=stack_changes(parts, model.device).writes(clean.request))[top]
         out = []
         for r, request in enumerate(requests):
             total = float((z[r] - h[r]).norm())

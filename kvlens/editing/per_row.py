@@ -87,6 +87,8 @@ def stack_changes(parts: Sequence[Mapping[PartKey, Part]], device: torch.device 
         right = torch.zeros(len(mine), rank, shape[1])
         for o, q in enumerate(mine):
             if q is not None:
+                if q.right is None:  # ruled out above: one dense part makes the layer dense
+                    raise RuntimeError(f"layer {layer}: a dense part among the low-rank ones to stack")
                 left[o, :, : q.rank] = q.left.float()
                 right[o, : q.rank] = q.right.float()
         factors[layer] = (left.to(device), right.to(device))
@@ -139,7 +141,7 @@ def finetune_values_each(model: KVModel, hp: FTHparams, requests: Sequence[EditR
                     leaves[l][active] = leaves[l][active].clamp(-hp.norm_constraint, hp.norm_constraint)
     out = []
     for r, request in enumerate(requests):
-        parts = {(l, "value"): Part(leaves[l][r].detach().cpu().clone()) for l in layers}
+        parts: dict[PartKey, Part] = {(l, "value"): Part(leaves[l][r].detach().cpu().clone()) for l in layers}
         info = {"contexts": list(templates),
                 "opt": {"loss": losses[r], "steps": len(losses[r]), "final_nll": [final_nll[r]]}}
         out.append(WeightDelta.from_model(model, parts, method=method, hparams=hp.to_dict(), requests=[request],

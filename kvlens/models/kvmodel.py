@@ -149,11 +149,12 @@ def _walk(envoy: Any, path: str) -> Any:
     return envoy
 
 
-def offloaded_weight(module: nn.Module) -> torch.Tensor:
+def offloaded_weight(module: nn.Module | Projection) -> torch.Tensor:
     """The weight of a layer offloaded by accelerate (CPU/disk ``device_map``), read from its hook."""
     weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
     if weights is None:
-        raise RuntimeError(f"{type(module).__name__} holds a meta weight and no accelerate offload hook to read it from")
+        raise RuntimeError(f"{type(module).__name__} holds a meta weight and no accelerate offload hook "
+                           "to read it from")
     return weights["weight"]
 
 
@@ -255,7 +256,7 @@ class KVModel:
     @property
     def d_ff(self) -> int:
         if not self.local_weights:  # the meta skeleton's shape (reading K would fetch it)
-            return int(self.canonical(self.mlp(0).get_submodule(self.spec.key).weight, "key").shape[0])
+            return int(self.canonical(weight_of(self.mlp(0).get_submodule(self.spec.key)), "key").shape[0])
         return int(self.K(0).shape[0])
 
     @property

@@ -88,7 +88,7 @@ def load_embedded_gguf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
     gguf = embedded_gguf()
     # dequantize=True gives a plain model that save_pretrained accepts.
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -376,7 +376,8 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
                           "tokenizer there again with save_pretrained (the folder was left as it is).") from exc
         raise _hub_error(display, exc) from exc
     if device is not None and quant is None:
-        model.to(device)
+        # transformers wraps .to with functools.wraps, which mypy reads as an unbound function
+        model.to(device)  # type: ignore[arg-type]
     model.config.name_or_path = display
     return wrap(model, tokenizer, name=display, prefix=default_prefix if prefix is None else prefix)
 

@@ -56,7 +56,8 @@ class TuningComparison:
         out = []
         for v in self.rows:
             for t in (*self.tasks, "overall"):
-                acc, f1 = self.overall[v] if t == "overall" else (self.scores[v][t].accuracy, self.scores[v][t].macro_f1)
+                acc, f1 = (self.overall[v] if t == "overall"
+                           else (self.scores[v][t].accuracy, self.scores[v][t].macro_f1))
                 invalid = (sum(s.invalid for s in self.scores[v].values()) if t == "overall"
                            else self.scores[v][t].invalid)
                 out.append({"variant": v, "task": t, "n": acc.n, "accuracy": acc.mean, "accuracy_low": acc.low,

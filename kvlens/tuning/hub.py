@@ -111,4 +111,5 @@ def load_hub_task(name: str, *, train_limit: int = 5000, test_limit: int = 1000,
         return tuple(out)
 
     return Task(name, spec.template, spec.labels, examples(spec.train_split, train_limit),
-                examples(spec.test_split, test_limit), source=f"hub:{spec.dataset}" + (f"/{spec.config}" if spec.config else ""))
+                examples(spec.test_split, test_limit),
+                source=f"hub:{spec.dataset}" + (f"/{spec.config}" if spec.config else ""))

@@ -138,7 +138,8 @@ def score_task(task: Task, answers: Sequence[str], *, n_boot: int = 1000, seed: 
     low, high = _percentile([macro_f1(g[i], p[i], k) for i in idx])
     f1 = {}
     for j, lab in enumerate(task.labels):  # F1 of each label as the positive class
-        tp, fp, fn = int(((g == j) & (p == j)).sum()), int(((g != j) & (p == j)).sum()), int(((g == j) & (p != j)).sum())
+        tp, fp = int(((g == j) & (p == j)).sum()), int(((g != j) & (p == j)).sum())
+        fn = int(((g == j) & (p != j)).sum())
         f1[lab] = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0
     return TaskScore(task.name, task.labels, gold, pred, list(answers), wilson(int((g == p).sum()), len(g)),
                      Estimate(100 * macro_f1(g, p, k), 100 * low, 100 * high, len(g), CONVENTION, "bootstrap"), f1)

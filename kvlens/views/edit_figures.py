@@ -70,7 +70,8 @@ def edit_reach_lines(before: LayerReadout, after: LayerReadout, edited: Sequence
     change = before.change(after)
     layers = list(range(len(change["mlp_subject"])))
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
-                        subplot_titles=["‖after − before‖ per layer", f"p({before.target_token!r}) read after each layer"])
+                        subplot_titles=["‖after − before‖ per layer",
+                                        f"p({before.target_token!r}) read after each layer"])
     for key, name, color, dash in (("mlp_subject", "FFN output, subject's last token", "#2e7d32", None),
                                    ("resid_subject", "residual, subject's last token", "#6a1b9a", None),
                                    ("resid_last", "residual, last token", "#6a1b9a", "dot")):

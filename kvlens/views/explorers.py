@@ -202,7 +202,8 @@ class TraceExplorer(App):
         if inputs is None:
             return
         if inputs["target"] is not None:
-            self.show_note(f"target scored: {scored_text(self.model, inputs['target'], TRACE_SCORE)}", self.inputs_notice)
+            self.show_note(f"target scored: {scored_text(self.model, inputs['target'], TRACE_SCORE)}",
+                           self.inputs_notice)
         samples = self.guard(lambda: (check_index(self.samples.value, "samples", 1, 100),
                                       check_index(self.window.value, "window", 1, self.model.n_layers)),
                              "checking samples and window", at=self.run_notice, clear=False)

@@ -261,7 +261,7 @@ def export_notebook(notebook: str | Path, out: str | Path, *, js_dir: str | Path
         exporter = HTMLExporter(template_name="lab", template_file=str(template),
                                 extra_template_basedirs=[tmp], require_js_url=data_url(modules / REQUIRE_JS),
                                 widget_renderer_url=data_url(modules / EMBED_AMD))
-        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": source.stem},
-                                                             "kvlens_plotlyjs": plotlyjs,
-                                                             "kvlens_widget_renderer": inline_script(modules / EMBED_AMD)})
+        nb_resources = {"metadata": {"name": source.stem}, "kvlens_plotlyjs": plotlyjs,
+                        "kvlens_widget_renderer": inline_script(modules / EMBED_AMD)}
+        body, _ = exporter.from_notebook_node(nb, resources=nb_resources)
     return write_page(out, body, "the exported notebook")

@@ -8,6 +8,7 @@ target logit, the logit-lens grid, layer-composition statistics and trigger-exam
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 
@@ -75,7 +76,7 @@ def key_activity_heatmap(acts: KeyActivations, prompt: int = 0) -> go.Figure:
     return fig
 
 
-def token_labels(texts: list[str], ids: list[int], pieces: list[str] | None = None) -> list[str]:
+def token_labels(texts: list[str], ids: list[int], pieces: Sequence[str | None] | None = None) -> list[str]:
     """One distinct label per token: its text quoted, with its id when the text alone is ambiguous.
 
     Tokens that decode to the same text (byte pieces of one character all decode to ``'�'``)

@@ -42,7 +42,8 @@ def _delta(result: WeightDelta) -> list[Section]:
     text += (" It is applied to the model now: the sections below that read the model see it." if result._handles
              else " It is not applied to the model now (computed, measured and reverted).")
     params = {"model": result.model_name, "method": result.method, "hparams": result.hparams,
-              "requests": [q.to_dict() for q in result.requests], "fingerprints": {f"{l}.{r}": fp for (l, r), fp in result.base.items()}}
+              "requests": [q.to_dict() for q in result.requests],
+              "fingerprints": {f"{l}.{r}": fp for (l, r), fp in result.base.items()}}
     sections = [Section(f"Edit: {result.method} ({'+'.join(roles)} weights)", text=text, table=delta_rows(result),
                         figure=edit_figures.part_norm_bars(result), params=params)]
     outcome = outcome_rows(result)

@@ -74,6 +74,9 @@ class EditStepper(App):
             can be clicked (default: inside a kernel). Call :meth:`wait` to join it.
     """
 
+    #: the state (:meth:`_key`) the shown re-trace belongs to; unset until the first re-trace
+    _traced_for: tuple[Any, ...] | None
+
     def __init__(self, model: KVModel, requests: Sequence[Any] = (), *,
                  methods: Mapping[str, Callable[[], EditMethod]] | None = None, method: str | None = None,
                  background: bool | None = None) -> None:
@@ -221,7 +224,7 @@ class EditStepper(App):
                     break
         self._start(run)
 
-    def _start(self, job: Callable[[], None]) -> None:
+    def _start(self, job: Callable[[], object]) -> None:
         """Run ``job`` now, or in a background thread with the controls locked and Cancel shown."""
         self._cancel.clear()
         if not self.background:

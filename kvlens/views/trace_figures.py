@@ -140,7 +140,8 @@ def layer_choice_chart(choice: LayerChoice) -> go.Figure:
     for value, (lo, hi), label in ((choice.layers.start, choice.start_ci, "first"),
                                    (choice.last, choice.stop_ci, "last")):
         fig.add_trace(go.Scatter(x=[value], y=[1.08 * top], mode="markers", marker=dict(color="black", size=9),
-                                 error_x=dict(type="data", symmetric=False, array=[hi - value], arrayminus=[value - lo]),
+                                 error_x=dict(type="data", symmetric=False, array=[hi - value],
+                                              arrayminus=[value - lo]),
                                  name=f"{label} layer, bootstrap 95 %", showlegend=label == "first",
                                  hovertemplate=f"{label} layer %{{x}} (95 %: {lo:g}–{hi:g})<extra></extra>"),
                       row=1, col=1)
@@ -158,6 +159,7 @@ def layer_choice_chart(choice: LayerChoice) -> go.Figure:
     fig.update_yaxes(title_text="contribution", row=1, col=1)
     fig.update_yaxes(title_text="fact (sorted)", showticklabels=False, row=2, col=1)
     fig.update_layout(title=(f"MLP edit layers {choice.layers.start}–{choice.last} pooled over {choice.n_facts} facts "
-                             f"({100 * choice.agreement:.0f} % of {len(choice.boot_ranges)} bootstrap resamples agree)"),
+                             f"({100 * choice.agreement:.0f} % of {len(choice.boot_ranges)} "
+                             "bootstrap resamples agree)"),
                       height=360 + 10 * choice.n_facts, width=760)
     return fig

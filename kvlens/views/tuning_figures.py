@@ -27,7 +27,8 @@ def tuning_bars(result: TuningComparison, metric: str = "accuracy") -> go.Figure
         y = [mine[t][metric] for t in groups]
         fig.add_trace(go.Bar(
             name=v, x=groups, y=y, marker_color=COLORS.get(v, "#9467bd"),
-            error_y=dict(type="data", symmetric=False, array=[mine[t][f"{metric}_high"] - mine[t][metric] for t in groups],
+            error_y=dict(type="data", symmetric=False,
+                         array=[mine[t][f"{metric}_high"] - mine[t][metric] for t in groups],
                          arrayminus=[mine[t][metric] - mine[t][f"{metric}_low"] for t in groups]),
             hovertemplate=f"{v}<br>%{{x}}: %{{y:.1f}}<extra></extra>"))
     hp = result.hparams
