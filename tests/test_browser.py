@@ -233,10 +233,10 @@ def test_tour_report_renders_offline(browser, embedded, tmp_path):
     from kvlens.views.tour import tour
 
     quick = {"fine-tune keys (2 steps)": lambda: KeyFT(steps=2)}  # test_cli runs the full tour
-    report = tour(embedded, methods=quick)
+    report = tour(embedded, methods=quick, n_cases=2)
     titles = [s.title for s in report.sections]
-    assert "Locate: causal trace of 'The Eiffel Tower'" in titles and "Edit: keys vs values compared" in titles
-    assert titles.count("Evaluation: fine-tune keys (2 steps)") == 1
+    assert "Locate: causal trace of 'The Eiffel Tower'" in titles and "Evaluate: keys vs values compared" in titles
+    assert titles.count("Evaluate: fine-tune keys (2 steps)") == 1
     path = report.save(tmp_path / "tour.html")
     page, errors, requests = open_page(browser, path)
     expected = sum(len(s.all_figures()) for s in report.sections)
