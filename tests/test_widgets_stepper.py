@@ -52,9 +52,8 @@ def test_next_back_are_bitwise_and_cached(app):
     assert app.list.options[1].startswith("✓ 2.") and app.next_button.disabled
     app.back()
     assert same(app.model, after_one) and len(app.steps) == 1
-    start = time.perf_counter()
-    app.next()  # the same step again: reused, not recomputed
-    assert time.perf_counter() - start < 1.0 and app.compute_count == 2
+    app.next()  # the same step again: reused, not recomputed (its latency: benchmarks/live_latency.py)
+    assert app.compute_count == 2
     app.revert_all()
     assert same(app.model, original) and app.steps == [] and app.back_button.disabled
     app.method.value = "FT values"
