@@ -247,7 +247,7 @@ def check_every_tab(live: ll.LivePage) -> dict[str, list[str]]:
     """Click through the stepper's tabs; return each tab's chart problems (what a user would see empty)."""
     out = live.output(STEPPER)
     problems: dict[str, list[str]] = {}
-    for tab in ("probabilities", "key activations", "inside the edit", "weight norms", "re-trace"):
+    for tab in ("probabilities", "where the edit acts", "inside the edit", "weight norms", "re-trace"):
         out.locator(".lm-TabBar-tab", has_text=tab).first.click()
         if tab == "re-trace":
             ll.button(out, "Re-trace").click()
@@ -263,7 +263,7 @@ def check_every_tab(live: ll.LivePage) -> dict[str, list[str]]:
 def test_stepper_next_back_apply_revert(live: ll.LivePage, original_checksum: str) -> None:
     one = click_and_wait(live, "Next", "1 / 2")
     assert one["title"] and one["values"], one
-    assert check_every_tab(live) == {k: [] for k in ("probabilities", "key activations", "inside the edit",
+    assert check_every_tab(live) == {k: [] for k in ("probabilities", "where the edit acts", "inside the edit",
                                                      "weight norms", "re-trace", "metrics")}
     two = click_and_wait(live, "Next", "2 / 2")
     assert two["title"] != one["title"] and two["values"] != one["values"]  # a new step is shown
@@ -299,8 +299,11 @@ def bad_input(live: ll.LivePage, cell: int, fields: dict[str, str], press: str, 
     for label, value in fields.items():
         ll.widget_by_label(out, "text", label).locator("input").fill(value)
     control = ll.button(out, press)
+    shown_before = any(mentions in t for t in before)  # the same bad input again: the same message
     control.click()
-    wait_until(lambda: any(mentions in t and t not in before for t in html_texts(live, cell)),
+    if shown_before:
+        ll.wait_kernel_idle(live.page, 300)
+    wait_until(lambda: any(mentions in t and (shown_before or t not in before) for t in html_texts(live, cell)),
                f"an error mentioning {mentions!r} after {press}", 300)
     ll.wait_kernel_idle(live.page, 60)
     message = out.locator(".widget-html-content").filter(has_text=mentions).filter(visible=True).last
@@ -310,7 +313,7 @@ def bad_input(live: ll.LivePage, cell: int, fields: dict[str, str], press: str, 
 def test_bad_input_error_leaves_the_model_bit_identical(live: ll.LivePage, original_checksum: str) -> None:
     message, _ = bad_input(live, STEPPER, {"prompt": "{} is located in the city of", "subject": "",
                                            "target_new": " Rome"}, "Add request", "subject")
-    assert "non-empty" in message.inner_text()
+    assert "empty" in message.inner_text()
     assert position(live) == "0 / 2"  # nothing was added
     assert checksum(ll.run_cell(live, CHECKSUM)) == original_checksum
     message, _ = bad_input(live, EXPLORER, {"subject": ""}, "Trace", "subject")
