@@ -79,11 +79,10 @@ def quantized(model: KVModel) -> bool:
 
 def _local(model: KVModel) -> bool:
     """Whether the weights the checks read are here (not meta tensors)."""
-    from kvlens.models.kvmodel import weight_of
-
-    weights = [weight_of(model.embedding)]
-    weights += [model.projection(layer, role).weight for layer in _layers(model) for role in model.roles()]
-    return not any(w.is_meta for w in weights)
+    if not model.local_weights:  # built without weights (remote): nothing to read without a trace
+        return False
+    weights = [model.projection(layer, role).weight for layer in _layers(model) for role in model.roles()]
+    return not any(w.is_meta for w in weights)  # e.g. layers offloaded by accelerate
 
 
 def _layers(model: KVModel) -> tuple[int, ...]:
