@@ -58,8 +58,15 @@ def stats(model, layers):
     ids = torch.randint(2, 128, (16, 24), generator=g)
     batch = Batch(ids, torch.ones_like(ids), ("",) * len(ids))
     keys = tracing.run(model, batch, read=[Site("key", l) for l in layers])
-    return {l: (lambda k: k.T @ k / len(k))(keys[Site("key", l)].reshape(-1, model.d_ff).double()).float()
-            for l in layers}
+
+    def moment(k: torch.Tensor) -> torch.Tensor:
+        # GELU keys of a 32-wide tiny model span barely more than 32 of their d_ff directions: C is
+        # numerically singular (kvlens refuses to invert it). A ridge of 1 % of the mean variance keeps
+        # its scale and makes it invertible, as a larger sample would.
+        C = k.T @ k / len(k)
+        return C + 0.01 * C.diagonal().mean() * torch.eye(len(C), dtype=C.dtype)
+
+    return {l: moment(keys[Site("key", l)].reshape(-1, model.d_ff).double()).float() for l in layers}
 
 
 def _alphaedit(m):
