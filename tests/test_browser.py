@@ -232,7 +232,7 @@ def test_tour_report_renders_offline(browser, embedded, tmp_path):
     from kvlens.editing import KeyFT
     from kvlens.views.tour import tour
 
-    quick = {"fine-tune keys (2 steps)": lambda: KeyFT(steps=2)}  # test_cli runs the full tour
+    quick = {"fine-tune keys (2 steps)": (lambda: KeyFT(steps=2), "key")}  # test_cli runs the full tour
     report = tour(embedded, methods=quick, n_cases=2)
     titles = [s.title for s in report.sections]
     assert "Locate: causal trace of 'The Eiffel Tower'" in titles and "Evaluate: keys vs values compared" in titles
