@@ -40,7 +40,7 @@ from kvlens.editing.base import EditMethod, check_layers, register_method, seque
 from kvlens.editing.delta import Part, PartKey, WeightDelta
 from kvlens.editing.hparams import MEMIT_PRESETS, MEMITHparams, ReferenceOption
 from kvlens.editing.per_row import stack_changes
-from kvlens.editing.request import EditRequest, check_requests
+from kvlens.editing.request import EditRequest, check_each
 from kvlens.memory.stats import resolve_moments
 from kvlens.models.kvmodel import KVModel, Site
 
@@ -144,11 +144,7 @@ class MEMIT(ReferenceOption, EditMethod):
         lower-layer updates in place (:mod:`kvlens.editing.per_row`); each request's update is its
         n = 1 solve (:meth:`alone_update`).
         """
-        reqs = [check_requests([r])[0] for r in requests]
-        if not reqs:
-            raise ValueError("no requests to edit: pass at least one")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        reqs = check_each(requests, batch_size)
         hp = self.hparams_for(model)
         self.check(model, hp)
         moments = resolve_moments(model, hp.layers, stats, corpus, hp.stats_tokens)

@@ -7,7 +7,7 @@ into that template (its first occurrence of the subject becomes ``{}``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,3 +116,14 @@ def check_requests(requests: EditRequest | Iterable[EditRequest]) -> tuple[EditR
     if not out:
         raise BadInput("no edit requests given")
     return tuple(out)
+
+
+def check_each(requests: Sequence[EditRequest], batch_size: int) -> list[EditRequest]:
+    """Requests edited each alone (``compute_each``): each checked by itself (no conflict or
+    duplicate check across them), at least one, and a batch size of at least 1."""
+    reqs = [check_requests([r])[0] for r in requests]
+    if not reqs:
+        raise ValueError("no requests to edit: pass at least one")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return reqs

@@ -34,7 +34,7 @@ from kvlens.editing._shared import (
 from kvlens.editing.base import EditMethod, register_method, sequentially
 from kvlens.editing.delta import Part, WeightDelta
 from kvlens.editing.hparams import ROME_PRESETS, ReferenceOption, ROMEHparams
-from kvlens.editing.request import EditRequest, check_requests
+from kvlens.editing.request import EditRequest, check_each
 from kvlens.memory.stats import resolve_moments
 from kvlens.models.kvmodel import KVModel, Site
 
@@ -89,11 +89,7 @@ class ROME(ReferenceOption, EditMethod):
         Equal (to float tolerance) to ``[self.compute(model, [r], report=False) for r in requests]``:
         the δ optimisation is per row (:func:`optimise_targets`) and the keys are per request.
         """
-        reqs = [check_requests([r])[0] for r in requests]  # each alone: no conflict or duplicate check
-        if not reqs:
-            raise ValueError("no requests to edit: pass at least one")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        reqs = check_each(requests, batch_size)
         hp = self.hparams_for(model)
         self.check(model, hp)
         layer, C, templates = self._setup(model, hp, stats, corpus)
