@@ -38,7 +38,12 @@ from kvlens.models.kvmodel import Batch, Site
 
 # The subject ends each prompt: in a tiny random model attention barely carries a state from one position
 # to another, so a change at the subject's last token (ROME/MEMIT's key) reaches the prediction only there.
-REQS = [EditRequest("The home of {}", "Alice", "Paris"), EditRequest("The boss of {}", "Bob", "Acme")]
+# One-letter targets (" P" = two byte tokens): a rank-one update also moves every later position whose key
+# leans on C⁻¹k*, and in a random model every key does; with a 5-token target such as " Paris" ROME, MEMIT
+# and AlphaEdit on several families raise p(target) in their own optimisation but lower it once inserted,
+# while with one letter each of the 69 method x family cases raises it (smallest rise 3e-4 in log, FT keys
+# under its 1e-2 norm constraint).
+REQS = [EditRequest("The home of {}", "Alice", "P"), EditRequest("The boss of {}", "Bob", "A")]
 CTX = Contexts(n=1, tokens=2)
 OPT = TargetOpt(steps=12, clamp=50.0, weight_decay=0.0)
 
@@ -106,19 +111,16 @@ def param_name(model, layer, role) -> str:
     return f"{model.spec.layers}.{layer}.{model.spec.mlp}.{path}.weight"
 
 
-def assert_moves_targets(delta, min_log_change=5e-5):
-    """Each request's p(target_new) on its own prompt moves by at least ``min_log_change`` (in log) under
-    the edit: an outcome check that a method returning a zero (or negligible) delta fails.
-
-    (A rise for every request, the stronger check, holds for 86 of the 90 method x family cases on
-    these tiny models; ROME on gpt_neox, MEMIT on gptj and olmo, AlphaEdit on olmo lower one request.)"""
+def assert_raises_targets(delta, min_log_rise=1e-4):
+    """Each request's p(target_new) on its own prompt rises by at least ``min_log_rise`` (in log) under the
+    edit: an outcome check that a method returning a zero, negligible or wrong-signed delta fails."""
     rows = delta.info["outcome"]["requests"]
     assert [r["prompt"] for r in rows] == [q.text for q in delta.requests]
     for r in rows:
         assert 0 < r["p_before"] <= 1 and 0 < r["p_after"] <= 1
-        change = abs(math.log(r["p_after"]) - math.log(r["p_before"]))
-        assert change >= min_log_change, (f"{delta.method} did not change p({r['target']!r}) on {r['prompt']!r}: "
-                                          f"{r['p_before']:.4g} -> {r['p_after']:.4g}")
+        rise = math.log(r["p_after"]) - math.log(r["p_before"])
+        assert rise >= min_log_rise, (f"{delta.method} did not raise p({r['target']!r}) on {r['prompt']!r}: "
+                                      f"{r['p_before']:.4g} -> {r['p_after']:.4g}")
 
 
 def compute(method, model, **kw):
@@ -141,7 +143,7 @@ def test_conformance(family, method, tmp_path):
     delta = compute(method, m)
     assert not changed(m, snap), "compute must leave the model bit-identical"
     assert isinstance(delta, WeightDelta) and delta.requests == tuple(REQS)
-    assert_moves_targets(delta)
+    assert_raises_targets(delta)
     declared = {param_name(m, l, r) for l, r in delta.parts}
     delta.apply(m)
     assert changed(m, snap) == declared
@@ -370,5 +372,28 @@ def test_outcome_check_catches_a_method_that_changes_nothing(scale):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         delta = method.compute(m, REQS)
-    with pytest.raises(AssertionError, match="did not change p"):
-        assert_moves_targets(delta)
+    with pytest.raises(AssertionError, match="did not raise p"):
+        assert_raises_targets(delta)
+
+
+class _Backwards(ROME):
+    """ROME with its update negated: a method that moves p(target_new) the wrong way."""
+
+    name = "rome-backwards-for-tests"
+
+    def _compute(self, model, requests, hp, **kwargs):
+        from kvlens.editing.delta import Part
+
+        right = super()._compute(model, requests, hp, **kwargs)
+        parts = {k: Part(-p.left, p.right) for k, p in right.parts.items()}
+        return WeightDelta.from_model(model, parts, method=self.name, hparams={}, requests=requests)
+
+
+def test_outcome_check_catches_a_method_that_lowers_the_target():
+    m = editable("llama")
+    editor, extra = METHODS["rome"](m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        delta = _Backwards(editor.hparams_for(m)).compute(m, REQS, **extra)
+    with pytest.raises(AssertionError, match="did not raise p"):
+        assert_raises_targets(delta)
