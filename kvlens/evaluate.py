@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvlens import tracing
 from kvlens.datasets import EvalCase, as_cases
 from kvlens.metrics import (
     CONVENTIONS,
@@ -251,8 +252,9 @@ def generate(model: KVModel, prompts: Sequence[str], *, max_new_tokens: int = 10
              seed: int = 0, batch_size: int = 16) -> list[str]:
     """Sampled continuations (top-k, as ROME's ``generate_fast``), each returned with its prompt.
 
-    Uses ``model.hf.generate`` on left-padded prompts (with the model's prefix, which is not
-    returned), so it sees weight edits but not nnsight-only interventions. Seeded: the torch RNG
+    Uses the model's own ``generate`` through the seam (:func:`kvlens.tracing.generate`) on
+    left-padded prompts (with the model's prefix, which is not returned), so it sees weight edits
+    but not nnsight-only interventions. Seeded: the torch RNG
     is forked, so the caller's RNG state is untouched.
     """
     if not prompts:
@@ -271,10 +273,8 @@ def generate(model: KVModel, prompts: Sequence[str], *, max_new_tokens: int = 10
             for r, e in enumerate(enc):
                 ids[r, width - len(e):] = torch.tensor(e)
                 mask[r, width - len(e):] = 1
-            generate: Any = model.hf.generate  # transformers' GenerationMixin (nn.Module types it Tensor | Module)
-            with torch.no_grad():
-                out = generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                               do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens, pad_token_id=pad)
+            out = tracing.generate(model, ids, mask, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,
+                                   pad_token_id=pad)
             for p, row in zip(chunk, out[:, width:]):
                 texts.append(p + tok.decode(row.tolist(), skip_special_tokens=True))
     return texts

@@ -206,6 +206,36 @@ def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None =
                   [cache.layers[j].keys for j in range(n)], [cache.layers[j].values for j in range(n)])
 
 
+def final_normed(model: KVModel, states: torch.Tensor) -> torch.Tensor:
+    """The model's final norm applied to residual ``states`` ``[..., d_model]`` (in the model's dtype).
+
+    A module of the model applied on its own, here in the seam like every other forward; it keeps
+    autograd graphs (the z-stage loss back-propagates through it). On a model without local weights
+    the module is the local copy :meth:`KVModel.module` reads through a trace.
+    """
+    return model.final_norm(states.to(model.device, model.dtype))
+
+
+def logits_of(model: KVModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from last-layer residual states: the final norm, then the unembedding (what the
+    ``logits`` site reads, before any post-processing a family adds, e.g. Gemma 2's soft-capping)."""
+    return model.unembedding(final_normed(model, hidden))
+
+
+def generate(model: KVModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+             remote: Remote | None = None, **kwargs: Any) -> torch.Tensor:
+    """Token ids (prompt + completion, ``[B, T + new]``) from the model's own ``generate``, run
+    through nnsight (``kwargs`` go to transformers' ``generate``: ``max_new_tokens``, ``do_sample``,
+    ``top_k``, ...). Weight edits are seen; the standing interventions of :func:`standing` are not
+    (they are written for one forward, not for every step of a decode loop)."""
+    options = trace_options(model, remote)
+    with remote_errors(options), torch.no_grad(), \
+            model.nn.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                              **kwargs, **options) as tracer:
+        ids = nnsight.save(tracer.result)
+    return ids
+
+
 def capture(model: KVModel, prompts: str | Sequence[str], sites: Iterable[Site]
             ) -> tuple[Batch, dict[Site, torch.Tensor]]:
     """Tokenize ``prompts`` and return the batch with the states at ``sites``."""

@@ -111,9 +111,6 @@ _MODULE_PROPERTIES = {"embedding", "unembedding", "final_norm"}
 FORWARD_ALLOW_LIST = {
     "causal/resume.py",  # model.hf(...), model.layer(j)(...), raw forward hooks, final_norm/unembedding
     "editing/adapters.py",  # a forward hook that adds a 4-bit/offloaded layer's low-rank edit beside it (no forward)
-    "editing/_shared.py",  # model.hf(...) in the target-vector loss; final_norm/unembedding on states
-    "evaluate.py",  # model.hf.generate (generation entropy)
-    "memory/vocab.py",  # model.final_norm(states) before projecting to the vocabulary
 }
 
 

@@ -72,20 +72,24 @@ KL_PROMPT = "{} is a"  # ROME's essence prompt
 
 
 def context_templates(model: KVModel, contexts: Contexts) -> tuple[str, ...]:
-    """``("{}", "x_1. {}", ...)``: ``contexts.n`` prefixes sampled top-5 from the model, seeded."""
+    """``("{}", "x_1. {}", ...)``: ``contexts.n`` prefixes sampled top-5 from the model, seeded.
+
+    Each prefix grows one token per forward through the seam (a few short prompts: no cache needed).
+    """
     gen = torch.Generator().manual_seed(contexts.seed)
     out = ["{}"]
+    last = Site("logits")
     for j in range(contexts.n):
         ids = model.tokenize(_STARTERS[j % len(_STARTERS)]).input_ids
-        step, past, picked = ids, None, []
         with torch.no_grad():
             for _ in range(contexts.tokens):
-                res = model.hf(input_ids=step, cache=past, use_cache=True)
-                top = torch.topk(res.logits[0, -1].float().cpu(), 5)
+                batch = Batch(ids, torch.ones_like(ids), ("",))
+                logits = tracing.run(model, batch, read=[last])[last]
+                top = torch.topk(logits[0, -1].float().cpu(), 5)
                 pick = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]
-                step, past = pick.view(1, 1).to(ids.device), res.cache
-                picked.append(int(pick))
-        text = model.tokenizer.decode(ids[0, -1:].tolist() + picked)
+                ids = torch.cat([ids, pick.view(1, 1).to(ids.device)], 1)
+        start = ids.shape[1] - contexts.tokens - 1  # the starter's last token, then the sampled ones
+        text = model.tokenizer.decode(ids[0, start:].tolist())
         text = " ".join(text.replace("{", " ").replace("}", " ").split()) or _STARTERS[0]
         out.append(text + ". {}")
     return tuple(out)
@@ -215,7 +219,7 @@ def _group_weights(request: torch.Tensor, context: torch.Tensor, n: int) -> torc
 def decode_at(model: KVModel, final: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the vocabulary from the last layer's states at (rows, cols)."""
     h = final[rows.to(final.device), cols.to(final.device)]
-    return torch.log_softmax(model.unembedding(model.final_norm(h)).float(), -1)
+    return torch.log_softmax(tracing.logits_of(model, h).float(), -1)
 
 
 def request_losses(rows: Rows, tgt_logp: torch.Tensor, kl_logp: torch.Tensor | None,

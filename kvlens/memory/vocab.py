@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from kvlens import tracing
 from kvlens.memory.activations import check_k, check_layers, check_memory
 from kvlens.models.kvmodel import KVModel
 
@@ -103,7 +104,7 @@ def unembedding_bias(model: KVModel) -> torch.Tensor | None:
 def apply_final_norm(model: KVModel, states: torch.Tensor) -> torch.Tensor:
     """The model's final norm applied to ``states`` ``[..., d_model]`` (float32 result)."""
     with torch.no_grad():
-        return model.final_norm(states.to(model.device, model.dtype)).float()
+        return tracing.final_normed(model, states).float()
 
 
 def to_vocab(model: KVModel, vectors: torch.Tensor, norm: Norm = "none") -> torch.Tensor:

@@ -86,12 +86,17 @@ class EditStepper(App):
         self.queue: list[EvalCase] = []
         self.steps: list[Step] = []  # the applied steps, in order
         self._cache: dict[tuple, Step] = {}
+        self._norm_fig: tuple[int, Any] = (-1, None)
         self.compute_count = 0
         self.background = in_kernel() if background is None else background
         self._cancel = threading.Event()
         self._worker: threading.Thread | None = None
         self.progress_log: list[EditProgress] = []  # the steps reported by the last computation
         self._blank = empty_figure("", 10)
+        self._retrace_prompt = empty_figure("Re-trace: press the button to compare before and after the last "
+                                            "applied edit")
+        self._no_edit = {name: empty_figure(f"{name}: no edit is applied")
+                         for name in ("Probabilities", "Where the edit acts", "Inside the edit", "Weight norms")}
         self.method = widgets.Dropdown(options=list(self.methods), value=method or next(iter(self.methods)),
                                        description="method")
         self.next_button = widgets.Button(description="Next ▶", button_style="primary")
@@ -218,9 +223,9 @@ class EditStepper(App):
         if self._refuse_while_busy():
             return
 
-        def run() -> None:
+        def run() -> None:  # the tabs are drawn once, at the end; the position advances at each step
             while len(self.steps) < len(self.queue) and not self._cancel.is_set():
-                if not self._next_guarded():
+                if not self._next_guarded(draw=False):
                     break
         self._start(run)
 
@@ -258,11 +263,14 @@ class EditStepper(App):
         self._cancel.set()
         self.say("cancelling at the next optimisation step…")
 
-    def _next_guarded(self) -> bool:
+    def _next_guarded(self, draw: bool = True) -> bool:
         done = self.guard(self._next, f"step {len(self.steps) + 1}", at=self.step_notice) is not None
         if self._cancel.is_set():
             self.show_error("cancelled: nothing was applied, the model is as it was before", self.step_notice)
-        self._refresh()
+        if draw:
+            self._refresh()
+        else:
+            self._refresh_position()
         return done
 
     def _progress(self, label: str, set_fraction: Callable[[float], None]) -> Callable[[EditProgress], None]:
@@ -344,6 +352,22 @@ class EditStepper(App):
 
     # ---- views -------------------------------------------------------------------------
     def _refresh(self) -> None:
+        self._refresh_position()
+        shown = self._key(len(self.steps))
+        if getattr(self, "_traced_for", None) != shown:  # the re-trace belonged to another state
+            show_figure(self.trace_fig, self._retrace_prompt)
+            self._traced_for = None
+        if self.steps:
+            self._draw(self.steps[-1])
+            # the norms of every push and undo so far: redrawn only when the history grew
+            if self._norm_fig[0] != len(self.history.norms):
+                self._norm_fig = (len(self.history.norms), edit_figures.norm_history_lines(self.history.norms))
+            show_figure(self.norms_fig, self._norm_fig[1])
+        else:
+            self._clear()
+
+    def _refresh_position(self) -> None:
+        """The queue's marks, the position, the buttons and the model's edit state (no chart)."""
         marks = ["✓" if i < len(self.steps) else ("▶" if i == len(self.steps) else "·") for i in range(len(self.queue))]
         self.list.options = [f"{m} {i + 1}. {c.rewrite_prompt} → {c.target_new!r}"
                              + (f"  [{self.steps[i].label}]" if i < len(self.steps) else "")
@@ -353,24 +377,12 @@ class EditStepper(App):
             self.back_button.disabled = not self.steps
             self.next_button.disabled = len(self.steps) >= len(self.queue)
         self.show_edit_state()
-        shown = self._key(len(self.steps))
-        if getattr(self, "_traced_for", None) != shown:  # the re-trace belonged to another state
-            show_figure(self.trace_fig, empty_figure("Re-trace: press the button to compare before and after the "
-                                               "last applied edit"))
-            self._traced_for = None
-        if self.steps:
-            self._draw(self.steps[-1])
-            show_figure(self.norms_fig, edit_figures.norm_history_lines(self.history.norms))
-        else:
-            self._clear()
 
     def _clear(self) -> None:
         """No edit applied: every tab says so (nothing left from a step that is no longer applied)."""
-        for widget, title in ((self.probs, "Probabilities: no edit is applied"),
-                              (self.acts_fig, "Where the edit acts: no edit is applied"),
-                              (self.parts_fig, "Inside the edit: no edit is applied"),
-                              (self.norms_fig, "Weight norms: no edit is applied")):
-            show_figure(widget, empty_figure(title))
+        for widget, name in ((self.probs, "Probabilities"), (self.acts_fig, "Where the edit acts"),
+                             (self.parts_fig, "Inside the edit"), (self.norms_fig, "Weight norms")):
+            show_figure(widget, self._no_edit[name])
         for widget in (self.key_fig, self.opt_fig, self.shares_fig, self.edit_key_fig):
             show_figure(widget, self._blank)
             widget.layout.height = 10

@@ -260,11 +260,15 @@ def figure_widget(fig: go.Figure | None = None, height: int | None = None) -> go
 
 
 def show_figure(target: go.FigureWidget, fig: go.Figure) -> None:
-    """Replace the traces and layout of ``target`` by those of ``fig`` (one redraw)."""
+    """Replace the traces and layout of ``target`` by those of ``fig`` (one redraw; none when
+    ``target`` already shows this very figure object, as after a refresh that changed nothing)."""
+    if getattr(target, "_kvlens_shown", None) is fig:
+        return
     with target.batch_update():
         target.data = []
         target.add_traces(list(fig.data))
         target.layout = _without_template(fig)
+    target._kvlens_shown = fig
 
 
 _WARNING_RE = r"<div class='kvlens-warning'[^>]*>.*?</div>"
