@@ -69,6 +69,33 @@ def test_cache_key_depends_on_weights_and_sample(tmp_path):
     assert ref != cache_path(a, 0, CORPUS, 600, torch.float32, tmp_path, window=64)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_cache_key_covers_exactly_the_weights_the_keys_depend_on(family, tmp_path):
+    """C at layer 1 depends on the embedding, layer 0 and layer 1 up to its key: a change there
+    (attention and norms included) is a new cache entry; a value edit at 1 or anything above is not."""
+    m = tiny(family)
+    ref = cache_path(m, 1, CORPUS, 600, torch.float32, tmp_path)
+
+    def key_after(param: torch.Tensor) -> object:
+        orig = param.detach().clone()
+        with torch.no_grad():
+            param.add_(0.5)
+        try:
+            return cache_path(m, 1, CORPUS, 600, torch.float32, tmp_path)
+        finally:
+            with torch.no_grad():
+                param.copy_(orig)
+
+    kept = [m.projection(1, "value").weight, m.projection(2, "key").weight, next(m.attn(2).parameters()),
+            next(m.final_norm.parameters()), m.unembedding.weight]
+    changed = [m.embedding.weight, m.projection(0, "value").weight, next(m.attn(1).parameters()),
+               m.projection(1, "key").weight]
+    changed += [p for n, p in m.layer(1).named_parameters() if "norm" in n or "ln" in n][:1]  # a norm of layer 1
+    assert all(key_after(p) == ref for p in kept)
+    assert all(key_after(p) != ref for p in changed)
+    assert cache_path(m, 1, CORPUS, 600, torch.float32, tmp_path) == ref  # the state restored, the key too
+
+
 def test_low_sample_warning_and_bad_input(tmp_path):
     m = tiny("gpt2")
     with pytest.warns(UserWarning, match="low-sample"):

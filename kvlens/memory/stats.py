@@ -88,10 +88,11 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def cache_path(model: KVModel, layer: int, corpus: Corpus, n_tokens: int, dtype: torch.dtype,
-               root: Path | None = None, fingerprint: str | None = None, window: int = 128) -> Path:
+               root: Path | None = None, window: int = 128) -> Path:
     """Where the statistics of ``layer`` are cached (everything they depend on is in the path:
-    model weights, prompt prefix, corpus, token count, window length and dtype)."""
-    fp = (fingerprint or model.fingerprint())[:16]
+    the weights its keys depend on (:meth:`KVModel.keys_fingerprint`), prompt prefix, corpus, token
+    count, window length and dtype)."""
+    fp = model.keys_fingerprint(layer)[:16]
     prefix = hashlib.sha256(model.prefix.encode()).hexdigest()[:8]
     name = str(dtype).replace("torch.", "")
     return (root or cache_dir()) / "stats" / f"{model.spec.model_type}-{fp}-{prefix}" / corpus.id / \
@@ -158,7 +159,8 @@ def second_moments(model: KVModel, layers: Sequence[int], corpus: Corpus | None 
     """C_l = E[k kᵀ] (uncentered) of the key activation at each of ``layers``, ``[d_ff, d_ff]``.
 
     Args:
-        model: the model (its current weights: the cache key includes their fingerprint).
+        model: the model (its current weights: each layer's cache key includes the fingerprint of
+            the weights its keys depend on).
         layers: layers to collect; cached ones are loaded, the rest computed in one pass.
         corpus: text to stream (default: the bundled Wikipedia sample; for users, e.g.
             ``kvlens.corpus.from_datasets("wikitext", "wikitext-103-raw-v1")``).
@@ -175,9 +177,8 @@ def second_moments(model: KVModel, layers: Sequence[int], corpus: Corpus | None 
     if n_tokens < LOW_SAMPLE_TOKENS:
         warnings.warn(f"low-sample statistics: E[kkᵀ] from {n_tokens} tokens (< {LOW_SAMPLE_TOKENS}); "
                       "edits will be noisier than with the usual 100k samples", stacklevel=2)
-    fp = model.fingerprint() if cache else ""
     out: dict[int, torch.Tensor] = {}
-    paths = {l: cache_path(model, l, corpus, n_tokens, dtype, cache_root, fp, window) for l in layers} if cache else {}
+    paths = {l: cache_path(model, l, corpus, n_tokens, dtype, cache_root, window) for l in layers} if cache else {}
     for layer, path in paths.items():
         if path.exists():
             try:

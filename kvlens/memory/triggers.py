@@ -108,7 +108,7 @@ _FIELDS = ("values", "window", "position")
 
 def _cache_path(model: KVModel, corpus: Corpus, layer: int, n: int, window: int,
                 max_tokens: int | None) -> Path:
-    key = hashlib.sha256(f"{model.fingerprint()}|{head_ids(model)}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{model.keys_fingerprint(layer)}|{head_ids(model)}".encode()).hexdigest()[:20]
     name = f"layer{layer}-n{n}-w{window}-t{max_tokens or 'all'}.safetensors"
     return cache_dir() / "triggers" / key / corpus.id / name
 

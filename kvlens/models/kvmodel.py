@@ -196,6 +196,7 @@ class KVModel:
         self.nn = TransformersModel(hf_model, tokenizer=tokenizer) if nn_model is None else nn_model
         self.standing: tuple[dict[Any, Any], ...] = ()  # interventions every seam forward applies
         self._digests: dict[tuple[int, str], tuple[tuple[Any, ...], bytes]] = {}  # see _weight_digest
+        self._tensor_digests: dict[str, tuple[tuple[Any, ...], bytes]] = {}  # see _tensor_digest
         self._fetched: dict[str, nn.Module] = {}  # leaf modules read through a trace (no local weights)
 
     # ---- where the weights are -----------------------------------------------------------
@@ -440,6 +441,39 @@ class KVModel:
                 h.update(f"{layer}.{role}".encode())
                 h.update(self._weight_digest(layer, role))
         return h.hexdigest()
+
+    def keys_fingerprint(self, layer: int) -> str:
+        """SHA-256 over exactly the weights the key activations of ``layer`` depend on: every
+        parameter except those of the layers above it, of its own value projection (which acts
+        after the key), of the final norm and of the unembedding. The cache key of what is
+        computed from keys (E[kkᵀ] statistics, trigger examples): a value edit at ``layer`` or any
+        change above it keeps it; a change below it, attention and norms included, changes it.
+        Each tensor is hashed once per state (:meth:`_tensor_digest`), so repeated calls are cheap.
+        """
+        layer = self.check_layer(layer)
+        after = [f"{self.spec.layers}.{j}." for j in range(layer + 1, self.n_layers)]
+        after += [f"{self.spec.layers}.{layer}.{self.spec.mlp}.{self.spec.value}.", f"{self.spec.final_norm}.",
+                  f"{self.spec.unembedding}."]
+        h = hashlib.sha256(f"{self.spec.model_type}:{self.n_layers}:{self.d_model}:{self.d_ff}:keys@{layer}".encode())
+        for name, param in self.hf.named_parameters():  # tied weights appear once, under their first name
+            if not any(name.startswith(prefix) for prefix in after):
+                h.update(name.encode())
+                h.update(self._tensor_digest(name, param))
+        return h.hexdigest()
+
+    def _tensor_digest(self, name: str, tensor: torch.Tensor) -> bytes:
+        """SHA-256 of a parameter's bytes, kept per name with the tensor's version (as
+        :meth:`_weight_digest`); any dtype, packed 4-bit weights included."""
+        version = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.is_meta)
+        cached = self._tensor_digests.get(name)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        if tensor.is_meta:
+            raise RuntimeError(f"{name} has no local values (a model without local weights) to fingerprint")
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest = hashlib.sha256(raw.numpy().tobytes()).digest()
+        self._tensor_digests[name] = (version, digest)
+        return digest
 
     def _weight_digest(self, layer: int, role: Role) -> bytes:
         """SHA-256 of one FFN weight, computed once per weight state.
