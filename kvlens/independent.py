@@ -123,7 +123,7 @@ def choose_batch_size(model: KVModel, hp: Any, cases: Sequence[EvalCase], reques
 
 def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequence[str] | None = None,
                   baseline: EditReport | None = None, batched: bool = True, batch_size: int | None = None,
-                  memory_budget: int = DEFAULT_BUDGET, eval_batch_size: int = 32, label: str | None = None,
+                  memory_budget: int | None = None, eval_batch_size: int = 32, label: str | None = None,
                   progress: bool = False, **compute_kwargs: Any) -> IndependentReport:
     """Edit each case alone from the unedited model, score it, undo it; aggregate with 95 % CIs.
 
@@ -136,7 +136,9 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
         baseline: a report on the same cases whose unedited state is reused.
         batched: compute and score many independent edits in the same forwards (see the module);
             ``False``: strictly one by one.
-        batch_size: requests per batch (default 32), chosen down to ``memory_budget`` bytes.
+        batch_size: requests per batch (default 32), chosen down to ``memory_budget`` bytes
+            (default: :meth:`KVModel.memory_budget`, half the free memory of the tightest GPU the
+            model computes on, or 2 GiB on the CPU).
         eval_batch_size: rows per scoring forward.
         label: the report's method name (default: the method's registry name).
         progress: print a line per batch.
@@ -157,7 +159,8 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
     hp = method.hparams_for(model)
     method.check(model, hp)
     before = _before(model, cases, tests, baseline, eval_batch_size)
-    size = choose_batch_size(model, hp, cases, batch_size, memory_budget)  # checks them in both modes
+    budget = model.memory_budget(cpu_bytes=DEFAULT_BUDGET) if memory_budget is None else memory_budget
+    size = choose_batch_size(model, hp, cases, batch_size, budget)  # checks them in both modes
     size = size if batched else 1
     each = _compute_each(method, hp)
     fallback = [] if batched and each is not None else ["compute"]

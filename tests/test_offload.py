@@ -79,3 +79,32 @@ def test_half_the_layers_on_a_gpu_give_the_unsplit_numbers(tiny_dir):
     split = kv.load(tiny_dir, device_map=_split(["cuda:0", "cuda:0", "cpu", "cpu"]), dtype=torch.float32)
     assert split.projection(0, "value").weight.device.type == "cuda"
     _compare(full, split)
+
+
+def test_an_offloaded_model_computes_on_the_cpu_and_keeps_the_cpu_budget(tiny_dir, tmp_path):
+    split = kv.load(tiny_dir, device_map=_split(["cpu", "disk", "cpu", "disk"]), offload_folder=str(tmp_path),
+                    dtype=torch.float32)
+    assert split.devices() == [torch.device("cpu")]
+    assert split.memory_budget(cpu_bytes=123) == 123
+
+
+def test_the_budget_is_the_tightest_gpus(tiny_dir, monkeypatch):
+    """A batch must fit on every device holding layers: the budget follows the GPU with least free memory."""
+    model = kv.load(tiny_dir)
+    devices = [torch.device("cpu"), torch.device("cuda:0"), torch.device("cuda:1")]
+    free = {"cuda:0": 8 * 2**30, "cuda:1": 2 * 2**30}
+    monkeypatch.setattr(type(model), "devices", lambda self: devices)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[str(d)], 16 * 2**30))
+    assert model.memory_budget(cpu_bytes=123) == 2**30  # half of cuda:1's 2 GiB
+    from kvlens.tuning.train import default_memory
+
+    assert default_memory(model) == 2**30  # task tuning's batch planning reads the same budget
+
+
+@pytest.mark.gpu
+def test_a_split_model_lists_both_devices(tiny_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    split = kv.load(tiny_dir, device_map=_split(["cuda:0", "cuda:0", "cpu", "cpu"]), dtype=torch.float32)
+    assert {d.type for d in split.devices()} == {"cuda", "cpu"}
+    assert 0 < split.memory_budget(cpu_bytes=1) <= torch.cuda.mem_get_info(0)[0]

@@ -146,10 +146,7 @@ def _rows(model: KVModel, setup: Setup, t: int, cells: Sequence[Cell], plans: Se
 def rows_per_chunk(model: KVModel, setup: Setup, memory: int | None) -> int:
     """How many rows one resumed forward may hold within ``memory`` bytes (a rough estimate)."""
     if memory is None:
-        if model.device.type == "cuda":
-            memory = int(torch.cuda.mem_get_info(model.device)[0] * 0.5)
-        else:
-            memory = 256 * 2**20
+        memory = model.memory_budget(cpu_bytes=256 * 2**20)
     t, d = setup.ids.shape[1], model.d_model
     kv = setup.corrupt.keys[0].shape[1] * setup.corrupt.keys[0].shape[3]
     per_row = 4 * (t * (4 * d + 4 * model.d_ff + t * 32) + 6 * kv * t + 2 * len(setup.target) * model.vocab_size)

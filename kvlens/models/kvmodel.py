@@ -270,6 +270,29 @@ class KVModel:
         weight = weight_of(self.hf.get_submodule(self.spec.embedding))  # no fetch through a trace
         return torch.device("cpu") if weight.is_meta else weight.device
 
+    def devices(self) -> list[torch.device]:
+        """The devices the model computes on, the embedding's first: each layer's execution device
+        (accelerate's hook decides it for offloaded layers, whose weights wait on the CPU or disk)."""
+        out = [self.device]
+        for j in range(self.n_layers):
+            layer = self._layers[j]
+            hook = getattr(layer, "_hf_hook", None)
+            where = getattr(hook, "execution_device", None)
+            if where is None:
+                param = next(layer.parameters(), None)
+                where = param.device if param is not None and not param.is_meta else self.device
+            device = torch.device(where if not isinstance(where, int) else f"cuda:{where}")
+            if device not in out:
+                out.append(device)
+        return out
+
+    def memory_budget(self, cpu_bytes: int, fraction: float = 0.5) -> int:
+        """Bytes one batched forward may use: ``fraction`` of the free memory of the tightest GPU
+        the model computes on (every device holds the activations of its own layers for the whole
+        batch, so the batch must fit on each), or ``cpu_bytes`` when it computes on the CPU only."""
+        free = [torch.cuda.mem_get_info(d)[0] for d in self.devices() if d.type == "cuda"]
+        return int(min(free) * fraction) if free else int(cpu_bytes)
+
     @property
     def dtype(self) -> torch.dtype:
         return weight_of(self.embedding).dtype

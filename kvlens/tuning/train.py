@@ -85,10 +85,8 @@ def bytes_per_example(model: KVModel, tokens: int) -> int:
 
 
 def default_memory(model: KVModel) -> int:
-    """Half the free memory of the model's GPU, else 4 GiB on the CPU."""
-    if model.device.type == "cuda":
-        return int(torch.cuda.mem_get_info(model.device)[0] * 0.5)
-    return 4 * 2**30
+    """Half the free memory of the tightest GPU the model computes on, else 4 GiB on the CPU."""
+    return model.memory_budget(cpu_bytes=4 * 2**30)
 
 
 @dataclass(frozen=True)
