@@ -363,22 +363,32 @@ class Prefix:
                       cut(self.positions), top, self.past_mask[rows.to(self.past_mask.device)],
                       tuple(map(past, self.keys)), tuple(map(past, self.values)))
 
-    def inputs(self, model: KVModel) -> dict[str, Any]:
-        """Forward keyword arguments: suffix ids, past + suffix mask, true positions, a fresh cache."""
+    def inputs(self, model: KVModel, joins: Sequence[Prefix] = ()) -> dict[str, Any]:
+        """Forward keyword arguments: suffix ids, past + suffix mask, true positions, a fresh cache.
+
+        With ``joins`` (:func:`run_skipping`), ids, mask and positions are one row (every row shares
+        them; they broadcast over the states, whose rows grow as joined rows enter), and the cache
+        of each layer holds the past of the rows computed there: this prefix's, then each join's
+        above its top.
+        """
         b = self.batch
         dev = b.input_ids.device
-        out: dict[str, Any] = {"input_ids": b.input_ids,
-                               "attention_mask": torch.cat([self.past_mask.to(dev), b.attention_mask], 1),
-                               "position_ids": self.positions.to(dev)}
+        rows = slice(0, 1) if joins else slice(None)
+        out: dict[str, Any] = {"input_ids": b.input_ids[rows],
+                               "attention_mask": torch.cat([self.past_mask[rows].to(dev), b.attention_mask[rows]], 1),
+                               "position_ids": self.positions[rows].to(dev)}
         if self.keys:
             k0, v0 = self.keys[0], self.values[0]
             if k0 is None or v0 is None:  # prefix_run and prefix_of always keep layer 0's past
                 raise ValueError("this prefix holds no cached keys/values for layer 0: build it with prefix_run "
                                  "or prefix_of")
             cache = DynamicCache(config=model.config)
-            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            for layer in range(len(self.keys)):
+                computed = [p for p in (self, *joins) if p.upto < layer]  # their past there is kept
+                keys = [k for p in computed if (k := p.keys[layer]) is not None]
+                values = [v for p in computed if (v := p.values[layer]) is not None]
                 # skipped layers hold layer 0's past: never read, but the cache reports its length
-                cache.update(k0 if k is None else k, v0 if v is None else v, layer)
+                cache.update(torch.cat(keys) if keys else k0, torch.cat(values) if values else v0, layer)
             out["cache"] = cache
             out["use_cache"] = True
         return out
@@ -507,8 +517,32 @@ def prefix_of(model: KVModel, rec: Record, batch: Batch, upto: int, start: torch
     return _cut(batch, rows, upto, start, top, tail, rec.keys, rec.values)
 
 
+def _check_joins(prefix: Prefix, joins: Sequence[Prefix]) -> None:
+    """Joined rows must enter above the top and share every row's positions and masks."""
+    ref = (prefix.positions[:1], prefix.past_mask[:1], prefix.batch.attention_mask[:1])
+    for p in (prefix, *joins):
+        same = [torch.equal(x, r.expand_as(x)) for x, r in zip((p.positions, p.past_mask, p.batch.attention_mask), ref)
+                if x.shape[1:] == r.shape[1:]]
+        if len(same) < 3 or not all(same):
+            raise ValueError("joined rows must share their positions with every row of the prefix "
+                             "(prefix_of with one start position for all rows)")
+        if p is not prefix and p.upto <= prefix.upto:
+            raise ValueError(f"a joined prefix must replay a layer above the prefix's ({prefix.upto}), got {p.upto}")
+
+
+def _concat(first: torch.Tensor | tuple[Any, ...], *more: torch.Tensor | tuple[Any, ...]) -> Write:
+    """A write appending the rows of ``more`` (prefix tops: tensors or layer outputs) to the state (torch only)."""
+    heads = [m[0] if isinstance(m, tuple) else m for m in (first, *more)]
+
+    def join(state: torch.Tensor) -> torch.Tensor:
+        return torch.cat([state, *(h.to(state.device, state.dtype) for h in heads)])
+
+    return join
+
+
 def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, write: Mapping[Site, Write] | None = None,
-                 read: Iterable[Site] = (), grad: bool = False, stop: bool = False) -> dict[Site, torch.Tensor]:
+                 read: Iterable[Site] = (), joins: Sequence[Prefix] = (), grad: bool = False,
+                 stop: bool = False) -> dict[Site, torch.Tensor]:
     """Resume ``prefix``: layers ``0..prefix.upto`` replay its cached output, the rest computes.
 
     The replayed state first goes through ``top`` (e.g. :func:`add_at` with a leaf ``delta``, or
@@ -516,8 +550,13 @@ def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, write: Mapping[S
     ``write`` rewrites states above the top as in :func:`run` (after the model's standing writes
     there; those below are part of the prefix). Writes see states in suffix layout: position ``p``
     of row ``r`` is column ``p - start[r]``. ``read`` names sites above the top (or the top
-    itself: the replayed state); the states returned are in suffix layout. MEMIT's z
-    optimisation and the exact causal trace need only this part.
+    itself: the replayed state); the states returned are in suffix layout.
+
+    ``joins``: prefixes of more rows with the same positions (:func:`prefix_of` with one start
+    position) and tops above ``prefix.upto``. A join's rows are appended to the batch at the
+    output of its ``upto`` layer (before any write there), so every row computes only the layers
+    above its own top: rows resumed from different layers share one forward. Row order: the
+    prefix's, then each join's; writes and reads see the rows present at their site.
     """
     n = model.n_layers
     first = Site("resid", prefix.upto) if prefix.upto >= 0 else Site("resid_pre", 0)
@@ -527,6 +566,12 @@ def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, write: Mapping[S
             raise ValueError(f"cannot {verb} {site}: layers 0..{prefix.upto} are replayed from the prefix "
                              "(change the replayed state with top)")
     above = {s: fn for s, fn in with_standing(model, writes).items() if s.order(n) > first.order(n)}
+    joins = sorted(joins, key=lambda p: p.upto)
+    if joins:
+        _check_joins(prefix, joins)
+    for upto in sorted({p.upto for p in joins}):
+        site, join = Site("resid", upto), _concat(*(p.top for p in joins if p.upto == upto))
+        above[site] = _then(join, above[site]) if site in above else join
     state = prefix.top[0] if isinstance(prefix.top, tuple) else prefix.top
     replayed = top(state)
     skips: list[tuple[Any, Any]] = []
@@ -536,7 +581,7 @@ def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, write: Mapping[S
     else:
         above[first] = lambda _state: replayed  # layer 0's input is the replayed state
     sites = sorted(read | set(above), key=lambda s: s.order(n))
-    heads, _, _ = _forward(model, prefix.inputs(model), _steps(model, sites, read, above), skips=skips,
+    heads, _, _ = _forward(model, prefix.inputs(model, joins), _steps(model, sites, read, above), skips=skips,
                            grad=grad, stop=stop)
     return dict(zip([s for s in sites if s in read], heads))
 

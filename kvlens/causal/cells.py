@@ -13,8 +13,10 @@ A cell restores one state of the clean run inside the corrupted runs (ROME's
 
 :func:`plain_scores` is the reference: full forwards through the nnsight seam, ``cells`` cells
 stacked on the batch axis per forward (1 = ROME's one forward per cell). :func:`exact_scores`
-computes the same numbers from the cached corrupted run, recomputing only layers ``>= start``
-at positions ``>= t``, with cells × samples batched up to a memory budget.
+computes the same numbers from the recorded corrupted run, recomputing only layers ``>= start``
+at positions ``>= t``: one forward per token (cells × samples up to a memory budget) resumed
+through the seam (:func:`kvlens.tracing.prefix_of`, :func:`kvlens.tracing.run_skipping`), each
+cell's rows joining it at their start layer.
 """
 
 from __future__ import annotations
@@ -126,19 +128,26 @@ def plain_scores(model: KVModel, setup: Setup, cells: Sequence[Cell], window: in
 
 
 # ---- exact: resume from the cached corrupted run -----------------------------------------------
-def _resumed(model: KVModel, setup: Setup, t: int, start: int, cells: Sequence[Cell], window: int) -> torch.Tensor:
-    """``p(target)`` of ``cells`` (mean over samples), all at token ``t`` and first changing layer
-    ``start``, by one forward resumed from the corrupted runs: layers ``>= start`` at positions
-    ``>= t``, the state entering ``start`` (layer ``start - 1``'s output) replayed from the record."""
-    s, n = setup.samples, len(cells) * setup.samples
-    prefix = tracing.prefix_of(model, setup.corrupt, setup.batch(s), start - 1, torch.full((n,), t),
-                               rows=torch.arange(s).repeat(len(cells)))  # row c·s + i continues sample i
-    shift = int(prefix.start[0])  # t (0 where a short sliding window keeps every position)
-    writes = _overwrites(setup, cells, [plan(cell, window, model.n_layers) for cell in cells], shift)
-    restore = writes.pop(Site("resid", start - 1), None) if start > 0 else None
+def _resumed(model: KVModel, setup: Setup, t: int, cells: Sequence[Cell], window: int) -> torch.Tensor:
+    """``p(target)`` of ``cells`` at token ``t``, sorted by start layer (mean over samples), by one
+    forward resumed from the corrupted runs at positions ``>= t``.
+
+    The forward replays the output of layer ``first - 1`` (``first``: the earliest start layer);
+    the rows of cells that start later join it at their start layer (:func:`tracing.run_skipping`
+    ``joins``), so each row computes only the layers ``>= start`` its cell can change.
+    """
+    s = setup.samples
+    plans = [plan(cell, window, model.n_layers) for cell in cells]
+    starts = sorted({p.start for p in plans})
+    prefixes = [tracing.prefix_of(model, setup.corrupt, setup.batch(s), start - 1,
+                                  torch.full((n * s,), t), rows=torch.arange(s).repeat(n))  # row c·s + i: sample i
+                for start in starts for n in [sum(p.start == start for p in plans)]]
+    shift = int(prefixes[0].start[0])  # t (0 where a short sliding window keeps every position)
+    writes = _overwrites(setup, cells, plans, shift)
+    restore = writes.pop(Site("resid", starts[0] - 1), None) if starts[0] > 0 else None
     final = Site("resid", model.n_layers - 1)
-    states = tracing.run_skipping(model, prefix, top=restore or (lambda h: h), write=writes, read=[final],
-                                  stop=True)[final]
+    states = tracing.run_skipping(model, prefixes[0], top=restore or (lambda h: h), write=writes,
+                                  joins=prefixes[1:], read=[final], stop=True)[final]
     lp = log_probs(tracing.logits_of(model, states[:, [p - shift for p in setup.positions]]))
     return target_prob(lp, setup.target).view(len(cells), s).mean(1)
 
@@ -168,19 +177,20 @@ def exact_scores(model: KVModel, setup: Setup, cells: Sequence[Cell], window: in
     """
     scores = torch.empty(len(cells), dtype=torch.float64)
     per_chunk = max(1, rows_per_chunk(model, setup, memory) // setup.samples)
-    groups: dict[tuple[int, int], list[int]] = {}
+    by_token: dict[int, list[int]] = {}
     for i, cell in enumerate(cells):
         if cell.token < setup.span.start:
             scores[i] = setup.low
         else:
-            groups.setdefault((cell.token, plan(cell, window, model.n_layers).start), []).append(i)
-    skipped = len(cells) - sum(map(len, groups.values()))
+            by_token.setdefault(cell.token, []).append(i)
+    skipped = len(cells) - sum(map(len, by_token.values()))
     if progress is not None and skipped:
         progress(skipped)
-    for (t, start), idx in groups.items():
+    for t, idx in by_token.items():
+        idx = sorted(idx, key=lambda i: plan(cells[i], window, model.n_layers).start)
         for k in range(0, len(idx), per_chunk):
             chunk = idx[k:k + per_chunk]
-            scores[chunk] = _resumed(model, setup, t, start, [cells[i] for i in chunk], window).double().cpu()
+            scores[chunk] = _resumed(model, setup, t, [cells[i] for i in chunk], window).double().cpu()
             if progress is not None:
                 progress(len(chunk))
     return scores

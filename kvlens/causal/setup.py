@@ -173,8 +173,8 @@ def prepare(model: KVModel, prompt: str, subject: str, target: str | int | Seque
     gen = torch.Generator().manual_seed(seed)
     eps = std * torch.randn(samples, span.end - span.start, model.d_model, generator=gen, dtype=torch.float64)
     eps = eps.to(model.device, model.dtype)
-    corrupt = record(model, repeated(ids, span.prompt, samples), write={Site("embed"): add_noise(span.start, span.end, eps)},
-                     remote=remote)
+    noised = {Site("embed"): add_noise(span.start, span.end, eps)}
+    corrupt = record(model, repeated(ids, span.prompt, samples), write=noised, remote=remote)
     positions = list(range(n_prompt - 1, n_prompt - 1 + len(tgt)))
     check_head(model, clean)
     high = float(target_prob(log_probs(clean.head[:, positions]), tgt)[0])  # p from the unembedding output,
