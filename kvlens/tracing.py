@@ -7,7 +7,15 @@ visited in execution order (nnsight 0.8 requires it). Several groups of prompts 
 forward by concatenating their batches (:func:`concat`) — the effect of several nnsight
 invokes, with positions that stay where the caller put them. With ``grad=True`` the returned
 tensors keep their autograd graph, so a loss built from them can be back-propagated into any
-tensor a write function used (e.g. a leaf ``delta``).
+tensor a write function used (e.g. a leaf ``delta``). :func:`record` keeps every state of one
+forward and its attention cache.
+
+Resuming: a change after layer ``l`` at position ``t`` leaves layers ``0..l`` and positions
+before ``t`` as they were (causal attention). A :class:`Prefix` keeps that fixed part, made by
+one forward (:func:`prefix_run`) or out of a recorded one (:func:`prefix_of`, no forward);
+:func:`run_skipping` replays it with nnsight's ``skip`` and computes the rest, with writes.
+MEMIT/ROME's target optimisation and the exact causal trace both resume this way. All these
+forwards are one trace body (:func:`_forward`); :func:`logits_of` decodes states without one.
 
 Only this module and :mod:`kvlens.models` import nnsight.
 """
@@ -137,13 +145,36 @@ def run(model: KVModel, batch: Batch, *, read: Iterable[Site] = (),
     write = with_standing(model, write)
     read = set(read)
     sites = sorted(read | set(write), key=lambda s: s.order(model.n_layers))
-    steps = _steps(model, sites, read, write)
     options = trace_options(model, remote)
     if grad and options:
         raise ValueError("gradients through a remote trace are not supported: run grad=True locally")
+    heads, _, _ = _forward(model, batch.inputs(), _steps(model, sites, read, write), grad=grad, stop=stop,
+                           options=options)
+    kept = [site for site in sites if site in read]
+    return dict(zip(kept, heads))
+
+
+def _forward(model: KVModel, inputs: Mapping[str, Any], steps: Sequence[tuple[Any, str, Write | None, bool]], *,
+             skips: Sequence[tuple[Any, Any]] = (), grad: bool = False, stop: bool = False, output: bool = False,
+             options: Mapping[str, Any] | None = None
+             ) -> tuple[list[torch.Tensor], list[tuple[Any, ...] | None], Any]:
+    """The one trace body of this module: every forward of :func:`run`, :func:`record`,
+    :func:`prefix_run` and :func:`run_skipping` is this ``model.nn.trace``.
+
+    ``skips``: ``(envoy, replacement)``: the module is not run, ``replacement`` is its output.
+    ``steps`` (:func:`_steps`, in execution order): each site's state is rewritten by its write
+    and, if kept, saved: its head (the state itself) and its tail (what the module returns after
+    it, ``None`` when it returns a tensor). ``stop`` ends the forward after the last step; ``output``
+    also saves the model's own output (logits, cache). The body uses torch and nnsight only, so it
+    also runs remotely (``options``: :func:`trace_options`). Returns ``(heads, tails, output)``.
+    """
+    options = dict(options or {})
+    root = model.nn
     grad_mode = torch.enable_grad() if grad else torch.no_grad()
-    with remote_errors(options), grad_mode, model.nn.trace(**batch.inputs(), **options) as tracer:
-        saved = nnsight.save([])
+    with remote_errors(options), grad_mode, root.trace(**inputs, **options) as tracer:
+        heads, tails, out = nnsight.save([]), nnsight.save([]), nnsight.save([])
+        for envoy, replacement in skips:
+            envoy.skip(replacement)
         for envoy, attr, fn, keep in steps:
             value = getattr(envoy, attr)
             head = value[0] if isinstance(value, tuple) else value
@@ -151,11 +182,13 @@ def run(model: KVModel, batch: Batch, *, read: Iterable[Site] = (),
                 head = fn(head)
                 setattr(envoy, attr, (head, *value[1:]) if isinstance(value, tuple) else head)
             if keep:
-                saved.append(head)
+                heads.append(head)
+                tails.append(tuple(value[1:]) if isinstance(value, tuple) else None)
+        if output:
+            out.append(root.output)
         if stop:
             tracer.stop()
-    kept = [site for site in sites if site in read]
-    return dict(zip(kept, saved))
+    return heads, tails, out[0] if out else None
 
 
 @dataclass
@@ -163,7 +196,10 @@ class Record:
     """Every state of one forward: layer 0's input, per-layer attention / MLP / layer outputs,
     the unembedding output (``head``), the model's logits and its attention cache.
 
-    ``keys[l]``/``values[l]`` are ``[B, heads, T, head_dim]``.
+    ``keys[l]``/``values[l]`` are ``[B, heads, T, head_dim]``; ``tails[l]`` is what layer ``l``
+    returns after its output state (``None``: it returns a tensor, as every registered family
+    does in transformers 5), kept so a forward resumed from the record (:func:`prefix_of`) can replay
+    the layer exactly as it returns.
     """
 
     resid_in: torch.Tensor
@@ -174,6 +210,11 @@ class Record:
     logits: torch.Tensor
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    tails: list[tuple[Any, ...] | None]
+
+    def module(self, kind: str) -> list[torch.Tensor]:
+        """The per-layer outputs of ``kind``: ``"mlp"``, ``"attn"`` or ``"resid"`` (the layer's own)."""
+        return {"mlp": self.mlp, "attn": self.attn, "resid": self.resid}[kind]
 
 
 def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None = None,
@@ -181,29 +222,26 @@ def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None =
     """One forward of ``batch`` (with ``write`` applied) recording every state and the cache."""
     n = model.n_layers
     write = with_standing(model, write)
-    sites = [Site(k, j) for j in range(n) for k in ("attn", "mlp", "resid")] + [Site("logits")]
-    sites = sorted(set(sites) | set(write), key=lambda s: s.order(n))
-    first = next(i for i, s in enumerate(sites) if s.kind != "embed")  # layer 0's input comes just before
+    layers = [Site(k, j) for j in range(n) for k in ("attn", "mlp", "resid")]
+    sites = sorted({Site("resid_pre", 0), *layers, Site("logits")} | set(write), key=lambda s: s.order(n))
     steps = _steps(model, sites, set(sites), write)
-    layer0 = model.envoy(Site("resid", 0))[0]
-    root, options = model.nn, trace_options(model, remote)
-    with remote_errors(options), torch.no_grad(), root.trace(**batch.inputs(), use_cache=True, **options):
-        saved = nnsight.save([])
-        for i, (envoy, attr, fn, _keep) in enumerate(steps):
-            if i == first:
-                resid_in = nnsight.save(layer0.input)
-            value = getattr(envoy, attr)
-            head = value[0] if isinstance(value, tuple) else value
-            if fn is not None:
-                head = fn(head)
-                setattr(envoy, attr, (head, *value[1:]) if isinstance(value, tuple) else head)
-            saved.append(head)
-        out = nnsight.save(root.output)
-    states = dict(zip(sites, saved))
+    inputs = {**batch.inputs(), "use_cache": True}
+    heads, tails, out = _forward(model, inputs, steps, output=True, options=trace_options(model, remote))
+    states, tail = dict(zip(sites, heads)), dict(zip(sites, tails))
     cache = out.cache
     attn, mlp, resid = ([states[Site(k, j)] for j in range(n)] for k in ("attn", "mlp", "resid"))
-    return Record(resid_in, attn, mlp, resid, states[Site("logits")], out.logits,
-                  [cache.layers[j].keys for j in range(n)], [cache.layers[j].values for j in range(n)])
+    return Record(states[Site("resid_pre", 0)], attn, mlp, resid, states[Site("logits")], out.logits,
+                  [cache.layers[j].keys for j in range(n)], [cache.layers[j].values for j in range(n)],
+                  [tail[Site("resid", j)] for j in range(n)])
+
+
+def logits_of(model: KVModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of final residual states ``[..., d_model]``: the final norm, then the unembedding.
+
+    What the ``logits`` site reads, for only the states given (e.g. the scored positions of a
+    forward read at the last layer and stopped there), without running any layer.
+    """
+    return model.unembedding(model.final_norm(hidden))
 
 
 def final_normed(model: KVModel, states: torch.Tensor) -> torch.Tensor:
@@ -319,7 +357,8 @@ class Prefix:
     ``0..upto`` nor any position before ``start[r]`` (causal attention). So a resumed forward
     (:func:`run_skipping`) replays layer ``upto``'s output and computes only layers above it at
     positions ``>= start[r]``; those positions attend to the earlier ones through the cached
-    attention keys/values, left-padded to a common length ``P`` (``past_mask``).
+    attention keys/values, left-padded to a common length ``P`` (``past_mask``). ``upto == -1``
+    (from :func:`prefix_of`): no layer is skipped, ``top`` is layer 0's input.
 
     States are in *suffix layout*: column ``i`` of row ``r`` is position ``start[r] + i``.
     ``batch`` holds the suffix tokens (right padded), ``top`` layer ``upto``'s output there.
@@ -343,37 +382,51 @@ class Prefix:
         def cut(x: torch.Tensor) -> torch.Tensor:
             return x[rows.to(x.device), :width]
 
-        def pick(x: Any) -> Any:  # the other outputs of the layer (e.g. GPT-J's attention weights)
-            return x[rows.to(x.device)] if isinstance(x, torch.Tensor) and x.shape[0] == len(self.start) else x
-
         def past(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[rows.to(x.device)]
 
-        b = self.batch
-        top = (cut(self.top[0]), *map(pick, self.top[1:])) if isinstance(self.top, tuple) else cut(self.top)
+        b, n = self.batch, len(self.start)
+        top = (cut(self.top[0]), *(_pick_rows(x, rows, n) for x in self.top[1:])) \
+            if isinstance(self.top, tuple) else cut(self.top)
         return Prefix(self.upto, self.start[rows], Batch(cut(b.input_ids), cut(b.attention_mask),
                                                           tuple(b.prompts[i] for i in rows.tolist())),
                       cut(self.positions), top, self.past_mask[rows.to(self.past_mask.device)],
                       tuple(map(past, self.keys)), tuple(map(past, self.values)))
 
-    def inputs(self, model: KVModel) -> dict[str, Any]:
-        """Forward keyword arguments: suffix ids, past + suffix mask, true positions, a fresh cache."""
+    def inputs(self, model: KVModel, joins: Sequence[Prefix] = ()) -> dict[str, Any]:
+        """Forward keyword arguments: suffix ids, past + suffix mask, true positions, a fresh cache.
+
+        With ``joins`` (:func:`run_skipping`), ids, mask and positions are one row (every row shares
+        them; they broadcast over the states, whose rows grow as joined rows enter), and the cache
+        of each layer holds the past of the rows computed there: this prefix's, then each join's
+        above its top.
+        """
         b = self.batch
         dev = b.input_ids.device
-        out: dict[str, Any] = {"input_ids": b.input_ids,
-                               "attention_mask": torch.cat([self.past_mask.to(dev), b.attention_mask], 1),
-                               "position_ids": self.positions.to(dev)}
+        rows = slice(0, 1) if joins else slice(None)
+        out: dict[str, Any] = {"input_ids": b.input_ids[rows],
+                               "attention_mask": torch.cat([self.past_mask[rows].to(dev), b.attention_mask[rows]], 1),
+                               "position_ids": self.positions[rows].to(dev)}
         if self.keys:
             k0, v0 = self.keys[0], self.values[0]
-            if k0 is None or v0 is None:  # prefix_run always keeps layer 0's past
-                raise ValueError("this prefix holds no cached keys/values for layer 0: build it with prefix_run")
+            if k0 is None or v0 is None:  # prefix_run and prefix_of always keep layer 0's past
+                raise ValueError("this prefix holds no cached keys/values for layer 0: build it with prefix_run "
+                                 "or prefix_of")
             cache = DynamicCache(config=model.config)
-            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            for layer in range(len(self.keys)):
+                computed = [p for p in (self, *joins) if p.upto < layer]  # their past there is kept
+                keys = [k for p in computed if (k := p.keys[layer]) is not None]
+                values = [v for p in computed if (v := p.values[layer]) is not None]
                 # skipped layers hold layer 0's past: never read, but the cache reports its length
-                cache.update(k0 if k is None else k, v0 if v is None else v, layer)
+                cache.update(torch.cat(keys) if keys else k0, torch.cat(values) if values else v0, layer)
             out["cache"] = cache
             out["use_cache"] = True
         return out
+
+
+def _pick_rows(x: Any, rows: torch.Tensor, n: int) -> Any:
+    """``x[rows]`` if ``x`` is a tensor over the ``n`` rows of a batch, else ``x`` (e.g. ``None``)."""
+    return x[rows.to(x.device)] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n else x
 
 
 def attention_window(model: KVModel) -> int | None:
@@ -386,88 +439,181 @@ def attention_window(model: KVModel) -> int | None:
     return int(window)
 
 
+def _starts(model: KVModel, batch: Batch, rows: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+    """Resume positions of ``batch``'s rows ``rows`` (default 0), checked to lie inside each prompt.
+
+    With a sliding attention window no longer than the batch they are all 0 (the cached
+    keys/values would be cut to the window): only the layers are skipped.
+    """
+    lengths = batch.lengths.cpu()[rows]
+    start = torch.zeros(len(rows), dtype=torch.long) if start is None else torch.as_tensor(start).long().cpu()
+    if len(start) != len(rows) or bool((start < 0).any()) or bool((start >= lengths).any()):
+        raise ValueError(f"prefix start positions must lie inside each prompt (lengths {lengths.tolist()}), "
+                         f"got {start.tolist()}")
+    window = attention_window(model)
+    if window is not None and window <= batch.input_ids.shape[1] + 1:
+        return torch.zeros_like(start)
+    return start
+
+
+def _cut(batch: Batch, rows: torch.Tensor, upto: int, start: torch.Tensor, top: torch.Tensor,
+         tail: tuple[Any, ...] | None, keys: Sequence[torch.Tensor] | None,
+         values: Sequence[torch.Tensor] | None) -> Prefix:
+    """The :class:`Prefix` of rows ``rows`` of ``batch`` from positions ``start``, out of one forward of ``batch``.
+
+    ``top`` ``[B, T, d]`` is layer ``upto``'s output state and ``tail`` what the layer returns after
+    it (``None``: the layer returns a tensor); ``keys``/``values`` the attention cache per layer
+    (``[B, heads, T, head_dim]``; ``None`` when no position precedes ``start``).
+    """
+    dev = batch.input_ids.device
+    lengths = batch.lengths.cpu()[rows]
+    past_len, width = int(start.max()), int((lengths - start).max())
+    suffix = (start.view(-1, 1) + torch.arange(width)).to(dev)
+    suffix_mask = (suffix < lengths.to(dev).view(-1, 1)).long()
+    suffix = torch.minimum(suffix, (lengths - 1).to(dev).view(-1, 1))
+    past = (start.view(-1, 1) - past_len + torch.arange(past_len)).to(dev)
+    index = past.clamp_min(0).view(len(rows), 1, past_len, 1)
+
+    def gather(x: torch.Tensor, j: int) -> torch.Tensor | None:
+        if 0 < j <= upto:  # a skipped layer: never read
+            return None
+        x = x[rows.to(x.device)]
+        return x.gather(2, index.to(x.device).expand(-1, x.shape[1], -1, x.shape[3]))
+
+    kept_keys: tuple[torch.Tensor | None, ...] = ()
+    kept_values: tuple[torch.Tensor | None, ...] = ()
+    if past_len > 0 and keys is not None and values is not None:
+        kept_keys = tuple(gather(x, j) for j, x in enumerate(keys))
+        kept_values = tuple(gather(x, j) for j, x in enumerate(values))
+    src = rows.to(dev).view(-1, 1)
+    ids = batch.input_ids[src, suffix] * suffix_mask
+    head = top[src.to(top.device), suffix.to(top.device)]
+    kept_top = head if tail is None else (head, *(_pick_rows(x, rows, len(batch)) for x in tail))
+    return Prefix(upto, start, Batch(ids, suffix_mask, tuple(batch.prompts[i] for i in rows.tolist())), suffix,
+                  kept_top, (past >= 0).long(), kept_keys, kept_values)
+
+
+def _cached(layer: object, name: str, j: int) -> torch.Tensor:
+    """The ``keys``/``values`` tensor of one layer of a transformers cache (a clear error if none)."""
+    x = getattr(layer, name, None)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"layer {j}'s attention cache holds no {name} tensor "
+                        f"({type(layer).__name__}): its prefix cannot be kept")
+    return x
+
+
 def prefix_run(model: KVModel, batch: Batch, upto: int, start: torch.Tensor | None = None) -> Prefix:
     """Run ``batch`` once (no grad) and keep what a change after layer ``upto`` at ``start`` leaves fixed.
 
     ``start[r]`` (default 0: only the layers are skipped) must lie inside row ``r``'s prompt. With
     a sliding attention window no longer than the batch, positions are not skipped (the cached
-    keys/values would be cut to the window): only the layers are.
+    keys/values would be cut to the window): only the layers are. The model's standing writes
+    (:func:`standing`) up to the top are applied; :func:`run_skipping` applies those above.
     """
-    upto = model.check_layer(upto)
-    lengths = batch.lengths.cpu()
-    start = torch.zeros(len(batch), dtype=torch.long) if start is None else torch.as_tensor(start).long().cpu()
-    if len(start) != len(batch) or bool((start < 0).any()) or bool((start >= lengths).any()):
-        raise ValueError(f"prefix start positions must lie inside each prompt (lengths {lengths.tolist()}), "
-                         f"got {start.tolist()}")
-    window = attention_window(model)
-    if window is not None and window <= batch.input_ids.shape[1] + 1:
-        start = torch.zeros_like(start)
-    past_len, width = int(start.max()), int((lengths - start).max())
-    cache = DynamicCache(config=model.config) if past_len > 0 else None
-    last = Site("resid", model.n_layers - 1)
-    with torch.no_grad(), model.nn.trace(**batch.inputs(), cache=cache, use_cache=cache is not None) as tracer:
-        envoy, _ = model.envoy(Site("resid", upto))
-        top = nnsight.save(envoy.output)
-        if cache is not None and upto < last.layer:  # every layer fills the cache; the head is not needed
-            model.envoy(last)[0].output  # noqa: B018 (reading it makes nnsight run every layer and fill the cache)
-        tracer.stop()
-    dev = batch.input_ids.device
-    suffix = (start.view(-1, 1) + torch.arange(width)).to(dev)
-    suffix_mask = (suffix < lengths.to(dev).view(-1, 1)).long()
-    suffix = torch.minimum(suffix, (lengths - 1).to(dev).view(-1, 1))
-    past = (start.view(-1, 1) - past_len + torch.arange(past_len)).to(dev)
-    past_mask = (past >= 0).long()
-    keys: tuple[torch.Tensor | None, ...] = ()
-    values: tuple[torch.Tensor | None, ...] = ()
+    upto, n = model.check_layer(upto), model.n_layers
+    rows = torch.arange(len(batch))
+    start = _starts(model, batch, rows, start)
+    cache = DynamicCache(config=model.config) if int(start.max()) > 0 else None
+    top_site = Site("resid", upto)
+    write = {s: fn for s, fn in with_standing(model, None).items() if s.order(n) <= top_site.order(n)}
+    sites = set(write) | {top_site}
+    if cache is not None:  # reading the last layer makes nnsight run every layer and fill the cache
+        sites.add(Site("resid", n - 1))
+    steps = _steps(model, sorted(sites, key=lambda s: s.order(n)), {top_site}, write)
+    inputs = {**batch.inputs(), "cache": cache, "use_cache": cache is not None}
+    heads, tails, _ = _forward(model, inputs, steps, stop=True)
+    keys = values = None
     if cache is not None:
-        index = past.clamp_min(0).view(len(batch), 1, past_len, 1)
-
-        def gather(layer: object, name: str, j: int) -> torch.Tensor:
-            x = getattr(layer, name, None)
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"layer {j}'s attention cache holds no {name} tensor "
-                                f"({type(layer).__name__}): its prefix cannot be kept")
-            return x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[3]))
-
-        kept = [j == 0 or j > upto for j in range(model.n_layers)]
-        keys = tuple(gather(cache.layers[j], "keys", j) if kept[j] else None for j in range(model.n_layers))
-        values = tuple(gather(cache.layers[j], "values", j) if kept[j] else None for j in range(model.n_layers))
-    ids = batch.input_ids.gather(1, suffix) * suffix_mask
-    rows = torch.arange(len(batch), device=dev).view(-1, 1)
-    top = (top[0][rows, suffix], *top[1:]) if isinstance(top, tuple) else top[rows, suffix]
-    return Prefix(upto, start, Batch(ids, suffix_mask, batch.prompts), suffix, top, past_mask, keys, values)
+        keys = [_cached(cache.layers[j], "keys", j) for j in range(n)]
+        values = [_cached(cache.layers[j], "values", j) for j in range(n)]
+    return _cut(batch, rows, upto, start, heads[0], tails[0], keys, values)
 
 
-def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, read: Iterable[Site] = (),
-                 grad: bool = False, stop: bool = False) -> dict[Site, torch.Tensor]:
+def prefix_of(model: KVModel, rec: Record, batch: Batch, upto: int, start: torch.Tensor | None = None,
+              rows: torch.Tensor | None = None) -> Prefix:
+    """The :class:`Prefix` :func:`prefix_run` would make, out of a recorded forward of ``batch``: no forward.
+
+    Row ``r`` of the prefix continues row ``rows[r]`` of ``rec`` (:func:`record` of ``batch``;
+    default: each row once, repeat a row to resume it under several changes) from position
+    ``start[r]`` (default 0), replaying the output of layer ``upto`` (``-1``: nothing is skipped,
+    the top is layer 0's input). Layers up to the top hold what the record computed, its writes
+    and standing writes included.
+    """
+    if isinstance(upto, bool) or not isinstance(upto, int) or not -1 <= upto < model.n_layers:
+        raise IndexError(f"upto must be a layer (-1..{model.n_layers - 1}), got {upto!r}")
+    rows = torch.arange(len(batch)) if rows is None else torch.as_tensor(rows).long().cpu()
+    start = _starts(model, batch, rows, start)
+    top, tail = (rec.resid_in, None) if upto < 0 else (rec.resid[upto], rec.tails[upto])
+    return _cut(batch, rows, upto, start, top, tail, rec.keys, rec.values)
+
+
+def _check_joins(prefix: Prefix, joins: Sequence[Prefix]) -> None:
+    """Joined rows must enter above the top and share every row's positions and masks."""
+    ref = (prefix.positions[:1], prefix.past_mask[:1], prefix.batch.attention_mask[:1])
+    for p in (prefix, *joins):
+        same = [torch.equal(x, r.expand_as(x)) for x, r in zip((p.positions, p.past_mask, p.batch.attention_mask), ref)
+                if x.shape[1:] == r.shape[1:]]
+        if len(same) < 3 or not all(same):
+            raise ValueError("joined rows must share their positions with every row of the prefix "
+                             "(prefix_of with one start position for all rows)")
+        if p is not prefix and p.upto <= prefix.upto:
+            raise ValueError(f"a joined prefix must replay a layer above the prefix's ({prefix.upto}), got {p.upto}")
+
+
+def _concat(first: torch.Tensor | tuple[Any, ...], *more: torch.Tensor | tuple[Any, ...]) -> Write:
+    """A write appending the rows of ``more`` (prefix tops: tensors or layer outputs) to the state (torch only)."""
+    heads = [m[0] if isinstance(m, tuple) else m for m in (first, *more)]
+
+    def join(state: torch.Tensor) -> torch.Tensor:
+        return torch.cat([state, *(h.to(state.device, state.dtype) for h in heads)])
+
+    return join
+
+
+def run_skipping(model: KVModel, prefix: Prefix, *, top: Write, write: Mapping[Site, Write] | None = None,
+                 read: Iterable[Site] = (), joins: Sequence[Prefix] = (), grad: bool = False,
+                 stop: bool = False) -> dict[Site, torch.Tensor]:
     """Resume ``prefix``: layers ``0..prefix.upto`` replay its cached output, the rest computes.
 
-    The replayed state first goes through ``top`` (e.g. :func:`add_at` with a leaf ``delta``; in
-    suffix layout, so position ``p`` of row ``r`` is column ``p - start[r]``), so states above
-    depend on it and can carry gradients.
-    MEMIT's z optimisation needs only this part. ``read`` must name sites above ``prefix.upto``;
-    the states returned are in suffix layout.
+    The replayed state first goes through ``top`` (e.g. :func:`add_at` with a leaf ``delta``, or
+    :func:`replace_at` restoring a state), so states above depend on it and can carry gradients.
+    ``write`` rewrites states above the top as in :func:`run` (after the model's standing writes
+    there; those below are part of the prefix). Writes see states in suffix layout: position ``p``
+    of row ``r`` is column ``p - start[r]``. ``read`` names sites above the top (or the top
+    itself: the replayed state); the states returned are in suffix layout.
+
+    ``joins``: prefixes of more rows with the same positions (:func:`prefix_of` with one start
+    position) and tops above ``prefix.upto``. A join's rows are appended to the batch at the
+    output of its ``upto`` layer (before any write there), so every row computes only the layers
+    above its own top: rows resumed from different layers share one forward. Row order: the
+    prefix's, then each join's; writes and reads see the rows present at their site.
     """
-    last = prefix.upto
-    read = sorted(set(read), key=lambda s: s.order(model.n_layers))
-    for site in read:
-        if site.kind != "logits" and site.layer <= last:
-            raise ValueError(f"cannot read {site}: layers 0..{last} are skipped")
-    out = prefix.top
-    out = (top(out[0]), *out[1:]) if isinstance(out, tuple) else top(out)
-    saved: dict[Site, torch.Tensor] = {}
-    grad_mode = torch.enable_grad() if grad else torch.no_grad()
-    with grad_mode, model.nn.trace(**prefix.inputs(model)) as tracer:
-        for layer in range(last + 1):  # below the top nothing reads them: all replay the top output
-            envoy, _ = model.envoy(Site("resid", layer))
-            envoy.skip(out)
-        for site in read:
-            envoy, attr = model.envoy(site)
-            value = getattr(envoy, attr)
-            saved[site] = nnsight.save(value[0] if isinstance(value, tuple) else value)
-        if stop:
-            tracer.stop()
-    return saved
+    n = model.n_layers
+    first = Site("resid", prefix.upto) if prefix.upto >= 0 else Site("resid_pre", 0)
+    read, writes = set(read), dict(write or {})
+    for site, verb in [*((s, "read") for s in read), *((s, "write") for s in writes)]:
+        if site.order(n) < first.order(n) or (verb == "write" and site == first):
+            raise ValueError(f"cannot {verb} {site}: layers 0..{prefix.upto} are replayed from the prefix "
+                             "(change the replayed state with top)")
+    above = {s: fn for s, fn in with_standing(model, writes).items() if s.order(n) > first.order(n)}
+    joins = sorted(joins, key=lambda p: p.upto)
+    if joins:
+        _check_joins(prefix, joins)
+    for upto in sorted({p.upto for p in joins}):
+        site, join = Site("resid", upto), _concat(*(p.top for p in joins if p.upto == upto))
+        above[site] = _then(join, above[site]) if site in above else join
+    state = prefix.top[0] if isinstance(prefix.top, tuple) else prefix.top
+    replayed = top(state)
+    skips: list[tuple[Any, Any]] = []
+    if prefix.upto >= 0:  # below the top nothing reads them: all replay the top output
+        out = (replayed, *prefix.top[1:]) if isinstance(prefix.top, tuple) else replayed
+        skips = [(model.envoy(Site("resid", j))[0], out) for j in range(prefix.upto + 1)]
+    else:
+        above[first] = lambda _state: replayed  # layer 0's input is the replayed state
+    sites = sorted(read | set(above), key=lambda s: s.order(n))
+    heads, _, _ = _forward(model, prefix.inputs(model, joins), _steps(model, sites, read, above), skips=skips,
+                           grad=grad, stop=stop)
+    return dict(zip([s for s in sites if s in read], heads))
 
 
 def with_trace_options(model: KVModel, *, remote: Remote) -> KVModel:

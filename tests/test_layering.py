@@ -109,7 +109,6 @@ _MODULE_PROPERTIES = {"embedding", "unembedding", "final_norm"}
 #: issue 14 ("one seam owns every forward"): shrink this as they move behind the seam. The test fails
 #: for an offender not listed here AND for a listed file that no longer offends (remove it).
 FORWARD_ALLOW_LIST = {
-    "causal/resume.py",  # model.hf(...), model.layer(j)(...), raw forward hooks, final_norm/unembedding
     "editing/adapters.py",  # a forward hook that adds a 4-bit/offloaded layer's low-rank edit beside it (no forward)
 }
 

@@ -109,6 +109,49 @@ def test_resuming_a_prefix_from_per_row_positions_equals_the_full_forward(family
     torch.testing.assert_close(again[0, :5], resumed[2, :5], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama"])
+def test_a_prefix_of_a_record_resumes_like_prefix_run_with_writes_and_joined_rows(family):
+    """prefix_of needs no forward; writes above the top, rows joining at later layers and
+    ``upto == -1`` (layer 0's input replayed) all give the full run's states."""
+    m = tiny(family)
+    batch = m.tokenize(["one prompt", "two prompt"])  # same length: rows may join
+    t, final = 3, Site("resid", m.n_layers - 1)
+    rec = tracing.record(m, batch)
+    made, recorded = tracing.prefix_run(m, batch, 1, torch.tensor([t, t])), tracing.prefix_of(m, rec, batch, 1,
+                                                                                             torch.tensor([t, t]))
+    for a, b in ((made.top, recorded.top), (made.keys[2], recorded.keys[2]), (made.positions, recorded.positions)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    patch = torch.randn(1, m.d_model)
+    full = tracing.run(m, batch, read=[final], write={Site("mlp", 2): tracing.replace_at([1], [t], patch)})[final]
+    rows = torch.tensor([1, 0, 1])  # a record row may be resumed several times
+    first = tracing.prefix_of(m, rec, batch, -1, torch.full((3,), t), rows=rows)
+    joined = tracing.prefix_of(m, rec, batch, 1, torch.full((2,), t), rows=torch.tensor([1, 1]))
+    out = tracing.run_skipping(m, first, top=lambda h: h, joins=[joined], read=[final],
+                               write={Site("mlp", 2): tracing.replace_at([0, 4], [0, 0], patch.expand(2, -1))})[final]
+    assert out.shape[0] == 5
+    for r in (0, 4):  # patched rows (one from layer 0's input, one joined after layer 1)
+        torch.testing.assert_close(out[r], full[1, t:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1], rec.resid[-1][0, t:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="replayed from the prefix"):
+        tracing.run_skipping(m, joined, top=lambda h: h, write={Site("mlp", 0): lambda h: h})
+    other = tracing.prefix_of(m, rec, batch, 2, torch.tensor([2]), rows=torch.tensor([0]))
+    with pytest.raises(ValueError, match="share their positions"):
+        tracing.run_skipping(m, first, top=lambda h: h, joins=[other], read=[final])
+
+
+def test_resumed_forwards_apply_standing_writes_as_the_full_forward_does(m):
+    batch = m.tokenize(["standing writes", "here too"])
+    final, shift = Site("resid", m.n_layers - 1), torch.ones(m.d_model)
+    writes = {Site("mlp", 0): lambda h: h + shift, Site("mlp", 2): lambda h: h - 2 * shift}
+    with tracing.standing(m, writes):
+        full = tracing.run(m, batch, read=[final])[final]
+        made = tracing.prefix_run(m, batch, 1, torch.tensor([2, 2]))
+        recorded = tracing.prefix_of(m, tracing.record(m, batch), batch, 1, torch.tensor([2, 2]))
+        for prefix in (made, recorded):
+            out = tracing.run_skipping(m, prefix, top=lambda h: h, read=[final])[final]
+            torch.testing.assert_close(out[:, :4], full[:, 2:6], rtol=1e-4, atol=1e-5)
+
+
 def test_prefix_start_outside_a_prompt_is_refused(m):
     batch = m.tokenize(["abc", "a"])
     with pytest.raises(ValueError, match="inside each prompt"):

@@ -13,8 +13,10 @@ A cell restores one state of the clean run inside the corrupted runs (ROME's
 
 :func:`plain_scores` is the reference: full forwards through the nnsight seam, ``cells`` cells
 stacked on the batch axis per forward (1 = ROME's one forward per cell). :func:`exact_scores`
-computes the same numbers from the cached corrupted run, recomputing only layers ``>= start``
-at positions ``>= t``, with cells × samples batched up to a memory budget.
+computes the same numbers from the recorded corrupted run, recomputing only layers ``>= start``
+at positions ``>= t``: one forward per token (cells × samples up to a memory budget) resumed
+through the seam (:func:`kvlens.tracing.prefix_of`, :func:`kvlens.tracing.run_skipping`), each
+cell's rows joining it at their start layer.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlens.causal.resume import Patch, Rows, resume
+from kvlens import tracing
 from kvlens.causal.setup import Setup, add_noise, log_probs, target_prob
-from kvlens.models.kvmodel import Batch, KVModel, Site
-from kvlens.tracing import Remote, replace_at, run
+from kvlens.models.kvmodel import KVModel, Site
+from kvlens.tracing import Remote, Write, replace_at, run
 
 KINDS = ("hidden", "mlp", "attn")
 SEVERED = ("sever_mlp", "sever_attn")
@@ -75,72 +77,79 @@ def plan(cell: Cell, window: int, n_layers: int, *, freeze_all: bool = False) ->
     raise ValueError(f"unknown cell kind {cell.kind!r}; choose one of {KINDS + SEVERED}")
 
 
-# ---- plain: full forwards through the nnsight seam ---------------------------------------------
-def _writes(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int) -> dict[Site, Callable]:
-    """Writes for ``cells`` stacked on the batch axis, ``samples`` rows each."""
-    s, span = setup.samples, setup.span
-    n = len(cells) * s
-    corrupt = add_noise(span.start, span.end, setup.noise.repeat(len(cells), 1, 1))
-    rows_all = torch.arange(n)
+def _state(setup: Setup, kind: str, layer: int, clean: bool, token: int) -> torch.Tensor:
+    """A state a plan writes at ``token``, one row per sample ``[samples, d]``: the clean run's
+    (the same for every sample) or each corrupted run's own."""
+    src = (setup.clean if clean else setup.corrupt).module(kind)[layer]
+    return src[0, token].expand(setup.samples, -1) if clean else src[:, token]
 
+
+def _overwrites(setup: Setup, cells: Sequence[Cell], plans: Sequence[Plan], shift: int = 0) -> dict[Site, Write]:
+    """Writes doing ``plans`` for ``cells`` stacked on the batch axis, ``samples`` rows each.
+
+    Cell ``c`` owns rows ``c·s .. (c+1)·s``; its states go to column ``token - shift`` (``shift``:
+    the first position a resumed forward computes): the clean input of its start layer (the
+    output of layer ``start - 1``) if it restores one, and its patched module outputs.
+    """
+    s = setup.samples
     parts: dict[Site, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
-    for c, cell in enumerate(cells):
-        rows = rows_all[c * s:(c + 1) * s]
-        p = plan(cell, window, model.n_layers, freeze_all=True)
-        if p.restore_input:
-            value = setup.clean.resid[p.start - 1][0, cell.token].expand(s, -1)
-            parts.setdefault(Site("resid", p.start - 1), []).append((rows, cell.token, value))
-        for kind, layer, clean in p.patches:
-            states = setup.clean if clean else setup.corrupt
-            src = states.module(kind)[layer]
-            value = src[0, cell.token].expand(s, -1) if clean else src[:, cell.token]
-            parts.setdefault(Site.parse(kind, layer), []).append((rows, cell.token, value))
-    writes: dict[Site, Callable] = {Site("embed"): corrupt}
-    for site, items in parts.items():
-        rows = torch.cat([r for r, _, _ in items])
-        cols = torch.cat([torch.full((len(r),), t) for r, t, _ in items])
-        writes[site] = replace_at(rows, cols, torch.cat([v for _, _, v in items]))
-    return writes
+    for c, (cell, p) in enumerate(zip(cells, plans)):
+        restored = (("resid", p.start - 1, True),) if p.restore_input else ()
+        for kind, layer, clean in (*restored, *p.patches):
+            value = _state(setup, kind, layer, clean, cell.token)
+            parts.setdefault(Site.parse(kind, layer), []).append((torch.arange(c * s, (c + 1) * s),
+                                                                  cell.token - shift, value))
+    return {site: replace_at(torch.cat([r for r, _, _ in items]),
+                             torch.cat([torch.full((len(r),), col) for r, col, _ in items]),
+                             torch.cat([v for _, _, v in items]))
+            for site, items in parts.items()}
 
 
+# ---- plain: full forwards through the nnsight seam ---------------------------------------------
 def plain_scores(model: KVModel, setup: Setup, cells: Sequence[Cell], window: int,
                  per_forward: int = 1, remote: Remote | None = None) -> torch.Tensor:
     """``p(target)`` per cell (mean over samples) by full forwards, ``per_forward`` cells each.
 
-    ``remote`` says where every forward runs (:data:`kvlens.tracing.Remote`; ``None``: ``model.remote``).
+    Severed cells freeze every layer, as ROME does. ``remote`` says where every forward runs
+    (:data:`kvlens.tracing.Remote`; ``None``: ``model.remote``).
     """
     out = []
-    ones = torch.ones_like(setup.ids)
+    span = setup.span
     for i in range(0, len(cells), per_forward):
         chunk = cells[i:i + per_forward]
-        n = len(chunk) * setup.samples
-        batch = Batch(setup.ids.repeat(n, 1), ones.repeat(n, 1), (setup.prompt,) * n)
-        logits = run(model, batch, read=[Site("logits")], write=_writes(model, setup, chunk, window), remote=remote)
+        plans = [plan(cell, window, model.n_layers, freeze_all=True) for cell in chunk]
+        noise = add_noise(span.start, span.end, setup.noise.repeat(len(chunk), 1, 1))
+        writes = {Site("embed"): noise, **_overwrites(setup, chunk, plans)}
+        logits = run(model, setup.batch(len(chunk) * setup.samples), read=[Site("logits")], write=writes,
+                     remote=remote)
         lp = log_probs(logits[Site("logits")][:, setup.positions])
         out.append(target_prob(lp, setup.target).view(len(chunk), setup.samples).mean(1))
     return torch.cat(out)
 
 
 # ---- exact: resume from the cached corrupted run -----------------------------------------------
-def _rows(model: KVModel, setup: Setup, t: int, cells: Sequence[Cell], plans: Sequence[Plan]) -> Rows:
-    """Rows (cells × samples, cells sorted by start) resumed from token ``t``."""
+def _resumed(model: KVModel, setup: Setup, t: int, cells: Sequence[Cell], window: int) -> torch.Tensor:
+    """``p(target)`` of ``cells`` at token ``t``, sorted by start layer (mean over samples), by one
+    forward resumed from the corrupted runs at positions ``>= t``.
+
+    The forward replays the output of layer ``first - 1`` (``first``: the earliest start layer);
+    the rows of cells that start later join it at their start layer (:func:`tracing.run_skipping`
+    ``joins``), so each row computes only the layers ``>= start`` its cell can change.
+    """
     s = setup.samples
-    corr_in = [setup.corrupt.resid_in, *setup.corrupt.resid]  # index = start layer
-    clean_in = [setup.clean.resid_in, *setup.clean.resid]
-    inputs, patches = [], []
-    for c, p in enumerate(plans):
-        x = corr_in[p.start][:, t:].clone()
-        if p.restore_input:
-            x[:, 0] = clean_in[p.start][0, t]
-        inputs.append(x)
-        rows = torch.arange(c * s, (c + 1) * s)
-        for kind, layer, clean in p.patches:
-            src = (setup.clean if clean else setup.corrupt).module(kind)[layer]
-            value = src[0, t].expand(s, -1) if clean else src[:, t]
-            patches.append(Patch(kind, layer, rows, value))
-    start = torch.tensor([p.start for p in plans]).repeat_interleave(s)
-    sample = torch.arange(s).repeat(len(plans))
-    return Rows(t, start, sample, torch.cat(inputs), patches)
+    plans = [plan(cell, window, model.n_layers) for cell in cells]
+    starts = sorted({p.start for p in plans})
+    prefixes = [tracing.prefix_of(model, setup.corrupt, setup.batch(s), start - 1,
+                                  torch.full((n * s,), t), rows=torch.arange(s).repeat(n))  # row c·s + i: sample i
+                for start in starts for n in [sum(p.start == start for p in plans)]]
+    shift = int(prefixes[0].start[0])  # t (0 where a short sliding window keeps every position)
+    writes = _overwrites(setup, cells, plans, shift)
+    restore = writes.pop(Site("resid", starts[0] - 1), None) if starts[0] > 0 else None
+    final = Site("resid", model.n_layers - 1)
+    states = tracing.run_skipping(model, prefixes[0], top=restore or (lambda h: h), write=writes,
+                                  joins=prefixes[1:], read=[final], stop=True)[final]
+    lp = log_probs(tracing.logits_of(model, states[:, [p - shift for p in setup.positions]]))
+    return target_prob(lp, setup.target).view(len(cells), s).mean(1)
 
 
 def rows_per_chunk(model: KVModel, setup: Setup, memory: int | None) -> int:
@@ -159,7 +168,9 @@ def exact_scores(model: KVModel, setup: Setup, cells: Sequence[Cell], window: in
 
     Cells before the subject need no forward at all: the noise only touches subject tokens, so
     there the clean and corrupted states are the same, and restoring one changes nothing (their
-    score is the corrupted probability).
+    score is the corrupted probability). The others are grouped by token and start layer (the
+    rows of one resumed forward replay the same layer), ``samples`` rows per cell, as many cells
+    per forward as ``memory`` allows.
     """
     scores = torch.empty(len(cells), dtype=torch.float64)
     per_chunk = max(1, rows_per_chunk(model, setup, memory) // setup.samples)
@@ -169,17 +180,14 @@ def exact_scores(model: KVModel, setup: Setup, cells: Sequence[Cell], window: in
             scores[i] = setup.low
         else:
             by_token.setdefault(cell.token, []).append(i)
-    if progress is not None and len(cells) > sum(map(len, by_token.values())):
-        progress(len(cells) - sum(map(len, by_token.values())))
+    skipped = len(cells) - sum(map(len, by_token.values()))
+    if progress is not None and skipped:
+        progress(skipped)
     for t, idx in by_token.items():
-        plans = {i: plan(cells[i], window, model.n_layers) for i in idx}
-        idx = sorted(idx, key=lambda i: plans[i].start)
+        idx = sorted(idx, key=lambda i: plan(cells[i], window, model.n_layers).start)
         for k in range(0, len(idx), per_chunk):
             chunk = idx[k:k + per_chunk]
-            rows = _rows(model, setup, t, [cells[i] for i in chunk], [plans[i] for i in chunk])
-            lp = resume(model, setup.ids, setup.corrupt, rows, setup.positions)
-            p = target_prob(lp, setup.target).view(len(chunk), setup.samples).mean(1)
-            scores[chunk] = p.double().cpu()
+            scores[chunk] = _resumed(model, setup, t, [cells[i] for i in chunk], window).double().cpu()
             if progress is not None:
                 progress(len(chunk))
     return scores

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlens.causal.resume import RunStates, check_head, full_run
 from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.prompts import SubjectSpan, continuation_ids, subject_span
-from kvlens.tracing import Remote, Write, run
+from kvlens.tracing import Record, Remote, Write, record, run
 
 #: Subjects over which the default noise scale is measured (ROME pools its ``knowns`` subjects).
 DEFAULT_SUBJECTS: tuple[str, ...] = (
@@ -82,8 +81,8 @@ class Setup:
     target: list[int]
     noise: torch.Tensor  # [samples, span length, d_model]
     noise_std: float
-    clean: RunStates
-    corrupt: RunStates
+    clean: Record  # the clean run (one row)
+    corrupt: Record  # the corrupted runs (one row per sample)
     high: float  # clean p(target)
     low: float  # corrupted p(target), mean over samples
 
@@ -95,6 +94,29 @@ class Setup:
     @property
     def samples(self) -> int:
         return int(self.noise.shape[0])
+
+    def batch(self, rows: int) -> Batch:
+        """``rows`` copies of the traced sequence (``samples`` rows: the batch of the corrupted runs)."""
+        return repeated(self.ids, self.prompt, rows)
+
+
+def repeated(ids: torch.Tensor, prompt: str, rows: int) -> Batch:
+    """``rows`` copies of the one sequence ``ids`` ``[1, T]`` (of text ``prompt``) as a batch."""
+    return Batch(ids.repeat(rows, 1), torch.ones_like(ids).repeat(rows, 1), (prompt,) * rows)
+
+
+def check_head(model: KVModel, run: Record) -> None:
+    """Warn if the model's logits are not final norm + unembedding (e.g. Gemma 2's soft-capping).
+
+    Traces score ``p(target)`` from the unembedding output in every mode (it is what the nnsight
+    ``logits`` site reads), so such a model is traced on its logits before that post-processing.
+    """
+    mine = run.head[:, -1:]
+    theirs = run.logits[:, -1:]
+    if not torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max())):
+        warnings.warn(
+            f"{model.spec.model_type} post-processes its logits after the unembedding (scaling or soft-capping); "
+            "trace probabilities are computed from the unembedding output, before that step", stacklevel=4)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -136,10 +158,7 @@ def prepare(model: KVModel, prompt: str, subject: str, target: str | int | Seque
     ids = model.tokenize(span.prompt).input_ids
     n_prompt = ids.shape[1]
 
-    def batch(rows: int) -> Batch:
-        return Batch(ids.repeat(rows, 1), torch.ones_like(ids).repeat(rows, 1), (span.prompt,) * rows)
-
-    clean = full_run(model, batch(1), remote=remote)
+    clean = record(model, repeated(ids, span.prompt, 1), remote=remote)
     if target is None:
         tgt = [int(clean.head[0, -1].argmax())]
     else:
@@ -147,14 +166,15 @@ def prepare(model: KVModel, prompt: str, subject: str, target: str | int | Seque
         if len(tgt) > 1:
             extra = torch.tensor([tgt[:-1]], device=ids.device)
             ids = torch.cat([ids, extra], dim=1)
-            clean = full_run(model, batch(1), remote=remote)
+            clean = record(model, repeated(ids, span.prompt, 1), remote=remote)
     std = 3.0 * noise_scale(model, remote=remote) if noise is None else float(noise)
     if not std > 0:
         raise ValueError(f"noise must be a positive standard deviation, got {noise!r}")
     gen = torch.Generator().manual_seed(seed)
     eps = std * torch.randn(samples, span.end - span.start, model.d_model, generator=gen, dtype=torch.float64)
     eps = eps.to(model.device, model.dtype)
-    corrupt = full_run(model, batch(samples), {Site("embed"): add_noise(span.start, span.end, eps)}, remote=remote)
+    noised = {Site("embed"): add_noise(span.start, span.end, eps)}
+    corrupt = record(model, repeated(ids, span.prompt, samples), write=noised, remote=remote)
     positions = list(range(n_prompt - 1, n_prompt - 1 + len(tgt)))
     check_head(model, clean)
     high = float(target_prob(log_probs(clean.head[:, positions]), tgt)[0])  # p from the unembedding output,
