@@ -235,28 +235,25 @@ def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None =
                   [tail[Site("resid", j)] for j in range(n)])
 
 
-def logits_of(model: KVModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits of final residual states ``[..., d_model]``: the final norm, then the unembedding.
-
-    What the ``logits`` site reads, for only the states given (e.g. the scored positions of a
-    forward read at the last layer and stopped there), without running any layer.
-    """
-    return model.unembedding(model.final_norm(hidden))
-
-
 def final_normed(model: KVModel, states: torch.Tensor) -> torch.Tensor:
     """The model's final norm applied to residual ``states`` ``[..., d_model]`` (in the model's dtype).
 
     A module of the model applied on its own, here in the seam like every other forward; it keeps
-    autograd graphs (the z-stage loss back-propagates through it). On a model without local weights
-    the module is the local copy :meth:`KVModel.module` reads through a trace.
+    autograd graphs (the z-stage loss back-propagates through it). The states go to the device the
+    norm computes on (:meth:`KVModel.device_of`: the last one of a split model). On a model without
+    local weights the module is the local copy :meth:`KVModel.module` reads through a trace.
     """
-    return model.final_norm(states.to(model.device, model.dtype))
+    norm = model.final_norm
+    return norm(states.to(model.device_of(norm), model.dtype))
 
 
 def logits_of(model: KVModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from last-layer residual states: the final norm, then the unembedding (what the
-    ``logits`` site reads, before any post-processing a family adds, e.g. Gemma 2's soft-capping)."""
+    """Logits of last-layer residual states ``[..., d_model]``: the final norm, then the unembedding.
+
+    What the ``logits`` site reads (before any post-processing a family adds, e.g. Gemma 2's
+    soft-capping), for only the states given (e.g. the scored positions of a forward read at the
+    last layer and stopped there), without running any layer.
+    """
     return model.unembedding(final_normed(model, hidden))
 
 

@@ -275,16 +275,19 @@ class KVModel:
         (accelerate's hook decides it for offloaded layers, whose weights wait on the CPU or disk)."""
         out = [self.device]
         for j in range(self.n_layers):
-            layer = self._layers[j]
-            hook = getattr(layer, "_hf_hook", None)
-            where = getattr(hook, "execution_device", None)
-            if where is None:
-                param = next(layer.parameters(), None)
-                where = param.device if param is not None and not param.is_meta else self.device
-            device = torch.device(where if not isinstance(where, int) else f"cuda:{where}")
+            device = self.device_of(self._layers[j])
             if device not in out:
                 out.append(device)
         return out
+
+    def device_of(self, module: nn.Module) -> torch.device:
+        """Where ``module`` computes: accelerate's execution device for a dispatched (e.g.
+        offloaded) module, else the device of its first parameter, else the model's."""
+        where = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if where is None:
+            param = next(module.parameters(), None)
+            where = param.device if param is not None and not param.is_meta else self.device
+        return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
 
     def memory_budget(self, cpu_bytes: int, fraction: float = 0.5) -> int:
         """Bytes one batched forward may use: ``fraction`` of the free memory of the tightest GPU
