@@ -13,12 +13,14 @@ Independent edits do not interact, so many are computed and scored in the same f
 
 * compute: ROME, MEMIT and AlphaEdit optimise every request's δ together with per-row Adam
   (:func:`kvlens.editing._shared.optimise_targets`) and solve each request's own update
-  (``compute_each``); value fine-tuning trains a per-row ΔV_r for each request
-  (:func:`kvlens.editing.per_row.finetune_values_each`). Key/gate fine-tuning and LoRA have no
-  per-row training here: they are computed one by one, with a warning.
-* evaluate: every delta made only of value parts (ROME, MEMIT, AlphaEdit, FT values, LoRA
-  values) runs per row through the seam (:mod:`kvlens.editing.per_row`); key and gate deltas are
-  applied to the weights one case at a time, with a warning.
+  (``compute_each``); fine-tuning of any role (keys, gates, values) trains a per-row ΔW_r
+  (:func:`kvlens.editing.per_row.finetune_each`) and LoRA of any role per-row factors A_r, B_r
+  from peft's seeded init (:func:`kvlens.editing.lora.lora_each`), both by
+  :func:`~kvlens.editing.per_row.fit_each`. LoRA with dropout > 0 is computed one by one, with a
+  warning (its random masks cannot be drawn per request in a shared batch).
+* evaluate: every delta runs per row through the seam (:mod:`kvlens.editing.per_row`): value
+  parts add ``k ΔV`` at the FFN output, key and gate parts ``x ΔKᵀ`` at the projection's output
+  (sites ``key_pre`` / ``gate_pre``, inside the FFN's nonlinearity).
 
 The results equal the one-by-one protocol (``batched=False``) to float tolerance (tests). The
 batch size is chosen from a memory budget (:func:`choose_batch_size`): a requested size over
