@@ -32,8 +32,9 @@ from kvlens.editing._shared import build_rows, context_templates, subject_states
 from kvlens.editing.delta import Part
 from kvlens.editing.hparams import reference_hparams
 from kvlens.editing.per_row import stack_changes
+from kvlens.evaluate import score_state
 from kvlens.experiments import compare_methods, paired_difference
-from kvlens.independent import evaluate_each
+from kvlens.independent import _score_applied, _score_rows, evaluate_each
 from kvlens.models.kvmodel import Site
 
 CTX = Contexts(n=1, tokens=2)
@@ -271,6 +272,27 @@ def test_per_row_writes_of_every_role_match_the_applied_delta(family):
         worst = max(worst, float((got - ref[row, :n]).abs().max()))
     torch.testing.assert_close(logits[Site("logits")][-1], plain[-1])  # an owner without parts: unchanged
     print(f"{family}: per-row writes vs applied, max |Δlogit| {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_scoring_key_and_gate_deltas_per_row_equals_applying_them_one_at_a_time(family):
+    model = tiny(family)
+    fp = model.fingerprint()
+    owners = [p for p in owners_parts(model, seed=2) if any(role != "value" for _, role in p)]
+    deltas = [kv.WeightDelta.from_model(model, parts, method="x", hparams={}, requests=[]) for parts in owners]
+    chunk = [cases(3)[i % 3] for i in range(len(deltas))]
+    tests = ["rewrite", "paraphrase", "neighborhood"]
+    rows = _score_rows(model, chunk, tests, deltas, 4)  # 4 rows per forward: owners mixed in each
+    plain = score_state(model, chunk, tests)
+    for case, delta, got, before in zip(chunk, deltas, rows, plain):
+        want = _score_applied(model, case, tests, delta, 4)
+        assert got.keys() == want.keys()
+        for key in got:
+            for s, t in zip(got[key], want[key]):
+                np.testing.assert_allclose(s.logprobs, t.logprobs, atol=2e-5, err_msg=key)
+        assert max(float(np.abs(s.logprobs - b.logprobs).max()) for s, b in zip(got["rewrite_new"],
+                                                                                 before["rewrite_new"])) > 1e-4
+    assert model.fingerprint() == fp
 
 
 def test_key_and_gate_sites_are_the_projection_outputs():
