@@ -13,12 +13,14 @@ Independent edits do not interact, so many are computed and scored in the same f
 
 * compute: ROME, MEMIT and AlphaEdit optimise every request's δ together with per-row Adam
   (:func:`kvlens.editing._shared.optimise_targets`) and solve each request's own update
-  (``compute_each``); value fine-tuning trains a per-row ΔV_r for each request
-  (:func:`kvlens.editing.per_row.finetune_values_each`). Key/gate fine-tuning and LoRA have no
-  per-row training here: they are computed one by one, with a warning.
-* evaluate: every delta made only of value parts (ROME, MEMIT, AlphaEdit, FT values, LoRA
-  values) runs per row through the seam (:mod:`kvlens.editing.per_row`); key and gate deltas are
-  applied to the weights one case at a time, with a warning.
+  (``compute_each``); fine-tuning of any role (keys, gates, values) trains a per-row ΔW_r
+  (:func:`kvlens.editing.per_row.finetune_each`) and LoRA of any role per-row factors A_r, B_r
+  from peft's seeded init (:func:`kvlens.editing.lora.lora_each`), both by
+  :func:`~kvlens.editing.per_row.fit_each`. LoRA with dropout > 0 is computed one by one, with a
+  warning (its random masks cannot be drawn per request in a shared batch).
+* evaluate: every delta runs per row through the seam (:mod:`kvlens.editing.per_row`): value
+  parts add ``k ΔV`` at the FFN output, key and gate parts ``x ΔKᵀ`` at the projection's output
+  (sites ``key_pre`` / ``gate_pre``, inside the FFN's nonlinearity).
 
 The results equal the one-by-one protocol (``batched=False``) to float tolerance (tests). The
 batch size is chosen from a memory budget (:func:`choose_batch_size`): a requested size over
@@ -41,7 +43,8 @@ from kvlens.editing._shared import context_templates
 from kvlens.editing.base import EditMethod
 from kvlens.editing.delta import WeightDelta
 from kvlens.editing.finetune import FineTune
-from kvlens.editing.per_row import finetune_values_each, stack_changes
+from kvlens.editing.lora import LoRA, lora_each
+from kvlens.editing.per_row import finetune_each, stack_changes
 from kvlens.editing.request import EditRequest, check_requests
 from kvlens.evaluate import EditReport, TargetScore, _tests_for, aggregate, case_metrics, score_state
 from kvlens.models.kvmodel import KVModel
@@ -85,17 +88,19 @@ def request_bytes(model: KVModel, hp: Any, width: int) -> int:
 
     Target-vector methods (ROME/MEMIT/AlphaEdit): the backward pass keeps, per row (the request's
     contexts + the clean and KL prompts) and per token of ``width`` and per layer above the
-    edited one, about 12 d_model + 4 d_ff floats. Dense parts (FT values) add d_ff x d_model
-    floats each during evaluation.
+    edited one, about 12 d_model + 4 d_ff floats. Per-row training (FT, LoRA) keeps that for every
+    layer, and per edited layer its parameters (FT: d_ff x d_model, LoRA: r (d_ff + d_model)) four
+    times: the leaf, its grad and Adam's two moments.
     """
     per = 0
     if hasattr(hp, "opt"):
         top = hp.layer if hasattr(hp, "layer") else max(hp.layers)
         rows = hp.contexts.n + 2
         per += rows * width * (model.n_layers - top) * (12 * model.d_model + 4 * model.d_ff) * _FLOAT
-    if hasattr(hp, "role") and not hasattr(hp, "rank"):  # FT: per-row ΔV, its grad and Adam's two moments
+    if hasattr(hp, "role"):  # FT / LoRA: per-row parameters, their grads and Adam's two moments
         rows = hp.contexts.n + 2
-        per += 4 * len(hp.layers) * model.d_ff * model.d_model * _FLOAT
+        size = hp.rank * (model.d_ff + model.d_model) if hasattr(hp, "rank") else model.d_ff * model.d_model
+        per += 4 * len(hp.layers) * size * _FLOAT
         per += rows * width * model.n_layers * (12 * model.d_model + 4 * model.d_ff) * _FLOAT
     return max(per, model.d_model * width * _FLOAT)
 
@@ -162,15 +167,14 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
     budget = model.memory_budget(cpu_bytes=DEFAULT_BUDGET) if memory_budget is None else memory_budget
     size = choose_batch_size(model, hp, cases, batch_size, budget)  # checks them in both modes
     size = size if batched else 1
-    each = _compute_each(method, hp)
-    fallback = [] if batched and each is not None else ["compute"]
+    each, why = _compute_each(method, hp)
+    fallback = [] if batched and each is not None else ["compute" + (f": {why}" if batched else "")]
     if batched and fallback:
-        warnings.warn(f"{type(method).__name__} ({getattr(hp, 'role', '')}) cannot be batched per row (no per-row "
-                      "training for key/gate roles or LoRA): its edits are computed one by one", stacklevel=2)
+        warnings.warn(f"{type(method).__name__} ({getattr(hp, 'role', '')}) cannot be batched per row ({why}): "
+                      "its edits are computed one by one", stacklevel=2)
     after: list[dict[str, list[TargetScore]]] = []
     infos: list[dict[str, Any]] = []
     seconds = {"compute": 0.0, "evaluate": 0.0}
-    warned = False
     for lo in range(0, len(cases), size):
         chunk, chunk_reqs = cases[lo: lo + size], reqs[lo: lo + size]
         start = time.perf_counter()
@@ -182,13 +186,7 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
             deltas = each(model, chunk_reqs, batch_size=size, **compute_kwargs)
         seconds["compute"] += time.perf_counter() - start
         start = time.perf_counter()
-        per_row = batched and all(role == "value" for d in deltas for (_, role) in d.parts)
-        if batched and not per_row and not warned:
-            warnings.warn(f"{type(method).__name__}: key/gate deltas cannot run per row through the seam: "
-                          "each case is applied to the weights and scored one by one", stacklevel=2)
-            fallback.append("evaluate")
-            warned = True
-        after.extend(_score_rows(model, chunk, tests, deltas, eval_batch_size) if per_row
+        after.extend(_score_rows(model, chunk, tests, deltas, eval_batch_size) if batched
                      else [_score_applied(model, c, tests, d, eval_batch_size) for c, d in zip(chunk, deltas)])
         seconds["evaluate"] += time.perf_counter() - start
         infos.extend(d.info for d in deltas)
@@ -197,8 +195,8 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
                   f"{time.perf_counter() - t0:.1f} s")
     per_case = {"before": [case_metrics(b) for b in before],
                 "after": [case_metrics(a, b) for a, b in zip(after, before)]}
-    protocol = {"protocol": "independent", "compute": "one-by-one" if "compute" in fallback else "batched",
-                "evaluate": "one-by-one" if (not batched or "evaluate" in fallback) else "batched",
+    protocol = {"protocol": "independent", "compute": "one-by-one" if fallback else "batched",
+                "evaluate": "batched" if batched else "one-by-one",
                 "batch_size": size, "fallback": ", ".join(fallback) or None,
                 "compute_seconds": seconds["compute"], "evaluate_seconds": seconds["evaluate"],
                 "steps": [_steps(i) for i in infos]}
@@ -209,25 +207,34 @@ def evaluate_each(model: KVModel, method: EditMethod, cases: Any, *, tests: Sequ
                              protocol=protocol)
 
 
-def _compute_each(method: EditMethod, hp: Any) -> Callable[..., list[WeightDelta]] | None:
-    """The method's batched independent compute, if it has one (else None: one by one)."""
+def _compute_each(method: EditMethod, hp: Any) -> tuple[Callable[..., list[WeightDelta]] | None, str | None]:
+    """The method's batched independent compute, or None and why (then: one by one)."""
     if hasattr(method, "compute_each"):
-        return copy.deepcopy(method).compute_each
-    if isinstance(method, FineTune) and hp.role == "value":
-        def ft_each(model: KVModel, requests: Sequence[EditRequest], *, batch_size: int,
-                    **_: Any) -> list[WeightDelta]:
-            templates = context_templates(model, hp.contexts)
-            out: list[WeightDelta] = []
-            for lo in range(0, len(requests), batch_size):
-                start = time.perf_counter()
-                chunk = finetune_values_each(model, hp, requests[lo: lo + batch_size], templates, method=method.name)
-                for d in chunk:
-                    d.info["seconds"] = (time.perf_counter() - start) / len(chunk)
-                    d.info["batched"] = len(chunk)
-                out.extend(chunk)
-            return out
-        return ft_each
-    return None
+        return copy.deepcopy(method).compute_each, None
+    train: Callable[..., list[WeightDelta]]
+    if isinstance(method, FineTune):
+        train = finetune_each
+    elif isinstance(method, LoRA):
+        if hp.dropout > 0:
+            return None, (f"LoRA dropout {hp.dropout} draws a random mask per forward, which requests trained "
+                          "together cannot reproduce; set dropout=0 to batch")
+        train = lora_each
+    else:
+        return None, "it has no per-row compute (compute_each)"
+
+    def each(model: KVModel, requests: Sequence[EditRequest], *, batch_size: int, **_: Any) -> list[WeightDelta]:
+        templates = context_templates(model, hp.contexts)
+        out: list[WeightDelta] = []
+        for lo in range(0, len(requests), batch_size):
+            start = time.perf_counter()
+            chunk = train(model, hp, requests[lo: lo + batch_size], templates, method=method.name)
+            for d in chunk:
+                d.info["seconds"] = (time.perf_counter() - start) / len(chunk)
+                d.info["batched"] = len(chunk)
+            out.extend(chunk)
+        return out
+
+    return each, None
 
 
 def _before(model: KVModel, cases: Sequence[EvalCase], tests: Sequence[str], baseline: EditReport | None,
@@ -244,7 +251,7 @@ def _before(model: KVModel, cases: Sequence[EvalCase], tests: Sequence[str], bas
 
 def _score_rows(model: KVModel, cases: Sequence[EvalCase], tests: Sequence[str], deltas: Sequence[WeightDelta],
                 batch_size: int) -> list[dict[str, list[TargetScore]]]:
-    """Each case scored with its own delta, many per forward (value parts through the seam)."""
+    """Each case scored with its own delta, many per forward (every part per row through the seam)."""
     changes = stack_changes([d.parts for d in deltas], model.device)
     return score_state(model, cases, tests, batch_size=batch_size, writes=changes.writes)
 

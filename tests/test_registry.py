@@ -48,7 +48,7 @@ def test_reference_forward_proves_roles_and_orientation(model_type):
 def test_site_accessors_match_the_models_own_forward(model_type):
     m = tiny(model_type)
     batch = m.tokenize(["hello world", "kv"])
-    kinds = ("resid_pre", "attn", "mlp_in", "key", "mlp", "resid")
+    kinds = ("resid_pre", "attn", "mlp_in", "key_pre", "key", "mlp", "resid") + (("gate_pre",) if m.spec.gated else ())
     sites = [Site(kind, l) for l in range(m.n_layers) for kind in kinds]
     states = tracing.run(m, batch, read=sites + [Site("embed"), Site("logits")])
     with torch.no_grad():
@@ -61,6 +61,9 @@ def test_site_accessors_match_the_models_own_forward(model_type):
         b_v = m.value_bias(l)
         mlp = states[Site("key", l)] @ m.V(l) + (0 if b_v is None else b_v)
         close(mlp, states[Site("mlp", l)])
+        with torch.no_grad():  # the key activation from the projections' outputs: f(x Gᵀ) ⊙ x Kᵀ, or f(x Kᵀ + b)
+            act, pre = m.activation(l), states[Site("key_pre", l)]
+            close(act(states[Site("gate_pre", l)]) * pre if m.spec.gated else act(pre), states[Site("key", l)])
     for l in range(m.n_layers):  # residual after l = before + attn + mlp (serial and parallel alike)
         before, attn, ffn = states[Site("resid_pre", l)], states[Site("attn", l)], states[Site("mlp", l)]
         if l > 0:

@@ -324,8 +324,9 @@ class WeightDelta:
         """The delta as trace writes for :func:`kvlens.tracing.run`; the weights stay untouched.
 
         A value part adds ``k ΔV`` to the FFN output, with k the key activation read in the same
-        forward (FFN(x) = k V + b). Key and gate parts change the FFN *inside* its nonlinearity,
-        which no site exposes: apply those deltas to the weights instead.
+        forward (FFN(x) = k V + b). Key and gate parts are refused here (apply those deltas to the
+        weights); the per-row writes of independent edits run them locally at the ``key_pre`` /
+        ``gate_pre`` sites (:mod:`kvlens.editing.per_row`).
         """
         writes: dict[Site, Write] = {}
         for (layer, role), part in self.parts.items():

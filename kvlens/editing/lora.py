@@ -10,15 +10,18 @@ bit-identical), and the merged adapter ``s·B A`` is returned as a rank-``r``
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 
 from kvlens.editing._shared import Rows, build_rows, context_templates
 from kvlens.editing.base import EditMethod, check_layers, register_method
-from kvlens.editing.delta import Part, WeightDelta
+from kvlens.editing.delta import Part, PartKey, WeightDelta
 from kvlens.editing.finetune import check_role, fit
 from kvlens.editing.hparams import LORA_PRESETS, LoRAHparams
+from kvlens.editing.per_row import RowChanges, fit_each
 from kvlens.editing.request import EditRequest
 from kvlens.models.kvmodel import KVModel
 
@@ -29,18 +32,57 @@ def target_modules(model: KVModel, role: str, layers: tuple[int, ...]) -> list[s
     return [f"{model.spec.layers}.{l}.{model.spec.mlp}.{path}" for l in layers]
 
 
-def lora_part(lora_module: Any, role: str, scaling: float) -> Part:
+def factors(lora_module: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A peft LoRA layer's ``(A [r, in], B [out, r], scaling)`` (float32 copies)."""
+    A = lora_module.lora_A["default"].weight.detach().float().clone()
+    B = lora_module.lora_B["default"].weight.detach().float().clone()
+    return A, B, float(lora_module.scaling["default"])
+
+
+def lora_part(A: torch.Tensor, B: torch.Tensor, scaling: float, role: str) -> Part:
     """The merged adapter as canonical ``[d_ff, d_model]`` factors.
 
     In feature terms the adapter maps in → out by ``s·B A`` (B ``[out, r]``, A ``[r, in]``).
     Keys/gates map d_model → d_ff, so canonical = s·B A; values map d_ff → d_model, so
     canonical = (s·B A)ᵀ = Aᵀ (s·Bᵀ).
     """
-    A = lora_module.lora_A["default"].weight.detach().float()
-    B = lora_module.lora_B["default"].weight.detach().float()
+    A, B = A.detach().float(), B.detach().float()
     if role == "value":
         return Part(A.T.clone(), (scaling * B.T).clone())
     return Part((scaling * B).clone(), A.clone())
+
+
+@contextlib.contextmanager
+def injected(model: KVModel, hp: LoRAHparams, names: Sequence[str]) -> Iterator[list[Any]]:
+    """peft's LoRA layers at the modules ``names`` for the block: yields them, in that order.
+
+    A is drawn by peft (``init_lora_weights=True``: Kaiming-uniform A, B = 0) from the global RNG
+    seeded with ``hp.contexts.seed``, which is left as it was; afterwards (also after an interrupt
+    mid-injection) the model gets its own modules and ``peft_config`` back.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha,  # type: ignore[arg-type]  # peft says int; scaling = alpha / r
+                        lora_dropout=hp.dropout, target_modules=list(names),
+                        bias="none", fan_in_fan_out=model.spec.conv1d, init_lora_weights=True)
+    had_config = hasattr(model.hf, "peft_config")  # peft writes into it: set it aside meanwhile
+    saved_config = model.hf.__dict__.pop("peft_config", None) if had_config else None
+    lora = None
+    try:
+        with torch.random.fork_rng():  # peft draws A from the global RNG: seed it, leave it as it was
+            torch.manual_seed(hp.contexts.seed)
+            lora = LoraModel(model.hf, config, "default")
+        yield [model.hf.get_submodule(n) for n in names]  # peft's LoRA layers
+    finally:
+        if lora is not None:
+            lora.unload()
+        else:
+            _restore_modules(model.hf)
+        model.hf.__dict__.pop("peft_config", None)
+        if had_config:
+            model.hf.__dict__["peft_config"] = saved_config  # as it was popped
+        model.hf.requires_grad_(False)
 
 
 @register_method
@@ -72,9 +114,6 @@ class LoRA(EditMethod):
                              "(peft: model.merge_and_unload()) or edit a model without adapters")
 
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: LoRAHparams, **_: Any) -> WeightDelta:
-        from peft import LoraConfig
-        from peft.tuners.lora import LoraModel
-
         from kvlens.editing.adapters import prepare_kbit
 
         prepare_kbit(model)  # 4-bit models: QLoRA's preparation (Dettmers et al. 2023; Qiu et al. 2024)
@@ -83,32 +122,13 @@ class LoRA(EditMethod):
         templates = context_templates(model, hp.contexts)
         rows = build_rows(model, requests, templates, kl=hp.kl_factor > 0)
         names = target_modules(model, hp.role, layers)
-        config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha,  # type: ignore[arg-type]  # peft says int; scaling = alpha / r
-                            lora_dropout=hp.dropout, target_modules=names,
-                            bias="none", fan_in_fan_out=model.spec.conv1d, init_lora_weights=True)
-        had_config = hasattr(model.hf, "peft_config")  # peft writes into it: set it aside meanwhile
-        saved_config = model.hf.__dict__.pop("peft_config", None) if had_config else None
-        lora = None
-        try:
-            with torch.random.fork_rng():  # peft draws A from the global RNG: seed it, leave it as it was
-                torch.manual_seed(hp.contexts.seed)
-                lora = LoraModel(model.hf, config, "default")
-            modules: list[Any] = [model.hf.get_submodule(n) for n in names]  # peft's LoRA layers
+        with injected(model, hp, names) as modules:
             log = self._train(model, rows, modules, hp)
-            parts = {(l, hp.role): lora_part(m, hp.role, m.scaling["default"]) for l, m in zip(layers, modules)}
+            parts = {(l, hp.role): lora_part(*factors(m), hp.role) for l, m in zip(layers, modules)}
             for (layer, role), m in zip(parts, modules):  # orientation self-check against peft's merge
                 merged = m.get_delta_weight("default").float()
                 if not torch.allclose(model.stored(parts[(layer, role)].dense(), role), merged, atol=1e-5, rtol=1e-4):
                     raise RuntimeError(f"LoRA factors of layer {layer} {role} disagree with peft's merged weight")
-        finally:  # also after an interrupt mid-injection: the model gets its own modules back
-            if lora is not None:
-                lora.unload()
-            else:
-                _restore_modules(model.hf)
-            model.hf.__dict__.pop("peft_config", None)
-            if had_config:
-                model.hf.__dict__["peft_config"] = saved_config  # as it was popped
-            model.hf.requires_grad_(False)
         return WeightDelta.from_model(model, parts, method=self.name, hparams=hp.to_dict(), requests=requests,
                                       info={"contexts": list(templates), "opt": log, "target_modules": names})
 
@@ -124,6 +144,49 @@ class LoRA(EditMethod):
         finally:
             for m in modules:
                 m.eval()
+
+
+def lora_each(model: KVModel, hp: LoRAHparams, requests: Sequence[EditRequest], templates: Sequence[str],
+              *, method: str = "lora") -> list[WeightDelta]:
+    """LoRA of each request alone, all trained in the same forwards: row b runs with adapter b.
+
+    Beside the projection, request r's rows add ``s · x A_rᵀ B_rᵀ`` (peft's vanilla LoRA forward:
+    ``result + lora_B(lora_A(x)) * scaling``): at the key / gate projection's output with x the
+    FFN input, at the FFN output with x the key activation for values
+    (:class:`~kvlens.editing.per_row.RowChanges`). Each request starts from the init
+    :meth:`LoRA._compute` gives it: peft's adapters are injected once under the same seed (the
+    same for every request) and their A, B and scaling read off, then removed. The same loss,
+    Adam (elementwise) and early stop per request (:func:`~kvlens.editing.per_row.fit_each`).
+    Dropout draws a mask per forward from the global RNG: with ``hp.dropout > 0`` a batch cannot
+    reproduce one-by-one runs, and this refuses.
+    """
+    from kvlens.editing.adapters import prepare_kbit
+
+    if hp.dropout > 0:
+        raise ValueError(f"LoRA dropout {hp.dropout} draws a random mask per forward: requests trained together "
+                         "cannot draw the masks each would alone; train them one by one")
+    prepare_kbit(model)  # as LoRA._compute
+    layers = check_layers(model, hp.layers)
+    with injected(model, hp, target_modules(model, hp.role, layers)) as modules:
+        init = [factors(m) for m in modules]
+    rows = build_rows(model, requests, templates, kl=hp.kl_factor > 0)
+    n, dev = len(requests), model.device
+    leaves = [t.to(dev).expand(n, *t.shape).clone() for A, B, _ in init for t in (A, B)]
+
+    def changes(params: Sequence[torch.Tensor]) -> RowChanges:  # params: A_0, B_0, A_1, B_1, ...
+        return RowChanges({(l, hp.role): (params[2 * i].transpose(1, 2), s * params[2 * i + 1].transpose(1, 2))
+                           for i, (l, (_, _, s)) in enumerate(zip(layers, init))}, n)
+
+    logs = fit_each(model, rows, leaves, changes, steps=hp.steps, lr=hp.lr, kl_factor=hp.kl_factor,
+                    early_stop=hp.early_stop)
+    out = []
+    for r, request in enumerate(requests):
+        parts: dict[PartKey, Part] = {(l, hp.role): lora_part(leaves[2 * i][r], leaves[2 * i + 1][r], s, hp.role)
+                                      for i, (l, (_, _, s)) in enumerate(zip(layers, init))}
+        out.append(WeightDelta.from_model(model, parts, method=method, hparams=hp.to_dict(), requests=[request],
+                                          info={"contexts": list(templates), "opt": logs[r],
+                                                "target_modules": target_modules(model, hp.role, layers)}))
+    return out
 
 
 def _restore_modules(root: torch.nn.Module) -> None:

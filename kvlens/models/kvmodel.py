@@ -29,10 +29,11 @@ from kvlens.models.spec import ArchSpec
 if TYPE_CHECKING:
     from kvlens.models.validation import Validation
 
-SiteKind = Literal["embed", "resid_pre", "attn", "mlp_in", "key", "mlp", "resid", "logits"]
+SiteKind = Literal["embed", "resid_pre", "attn", "mlp_in", "gate_pre", "key_pre", "key", "mlp", "resid", "logits"]
 Role = Literal["key", "gate", "value"]
-_KIND_ORDER: dict[str, int] = {"embed": 0, "resid_pre": 1, "attn": 2, "mlp_in": 3, "key": 4, "mlp": 5,
-                               "resid": 6, "logits": 7}
+# gate_pre before key_pre: gated FFNs compute act(gate_proj(x)) * up_proj(x), the gate first
+_KIND_ORDER: dict[str, int] = {"embed": 0, "resid_pre": 1, "attn": 2, "mlp_in": 3, "gate_pre": 4, "key_pre": 5,
+                               "key": 6, "mlp": 7, "resid": 8, "logits": 9}
 
 
 class Projection(Protocol):
@@ -64,7 +65,9 @@ class Site:
     ``embed``: token embeddings (layer is ignored); ``resid_pre``: residual stream entering
     ``layer`` (its input; for layer 0 the embeddings as the model scales and positions them);
     ``attn``: attention output of ``layer``; ``mlp_in``: the FFN's input (the normalized
-    residual); ``key``: key activation of ``layer`` (input of the value projection,
+    residual); ``key_pre``: output of the key projection, before the nonlinearity
+    (``x K(l)ᵀ + b_K``, ``[.., d_ff]``); ``gate_pre``: output of the gate projection of a gated
+    FFN (``x gate(l)ᵀ``); ``key``: key activation of ``layer`` (input of the value projection,
     ``[.., d_ff]``); ``mlp``: FFN output of ``layer``; ``resid``: residual stream after
     ``layer``; ``logits``: unembedding output (layer is ignored).
     """
@@ -427,6 +430,12 @@ class KVModel:
         mlp = _walk(layer, self.spec.mlp)
         if site.kind in ("mlp_in", "mlp"):
             return mlp, "input" if site.kind == "mlp_in" else "output"
+        if site.kind in ("key_pre", "gate_pre"):
+            path = self.spec.key if site.kind == "key_pre" else self.spec.gate
+            if path is None:
+                raise ValueError(f"{self.spec.model_type} has no gate projection (its FFN is not gated): "
+                                 f"no site {site.kind!r}")
+            return _walk(mlp, path), "output"
         return _walk(mlp, self.spec.value), "input"
 
     # ---- tokens ------------------------------------------------------------------------
