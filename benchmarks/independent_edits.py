@@ -5,9 +5,8 @@
 For each method, ``kv.evaluate_each`` runs the independent protocol (each request edited alone
 from the unedited model, scored, undone) on the first ``--n`` bundled facts with ``batched=True``,
 and with ``batched=False`` (strictly one by one) on the first ``--subset`` of them; the ratio
-compares seconds per request. Methods that cannot be batched per row (FT and LoRA: compute one
-by one either way) run both modes on the subset only (``--n`` would take hours on a 2-core CPU)
-and say so in the results. Each (method, mode) runs in its own process, so its peak resident
+compares seconds per request (every method batches per row; the results say how each ran). Each
+(method, mode) runs in its own process, so its peak resident
 memory (``ru_maxrss``) is its own; the process's memory after loading the model and statistics
 is recorded beside it. The batched and one-by-one scores of the subset are compared (max
 absolute difference of every teacher-forced log-probability, and of the per-case metrics).
@@ -27,7 +26,7 @@ import warnings
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: name -> (factory source, batched per row?) evaluated in the child process
+#: name -> factory source, evaluated in the child process
 METHODS = {
     "ROME": "kv.ROME(stats_tokens=TOK)",
     "MEMIT": "kv.MEMIT(stats_tokens=TOK)",
@@ -39,7 +38,6 @@ METHODS = {
     "LoRA values": "kv.LoRAValues()",
     "LoRA gates": "kv.LoRAGates()",
 }
-PER_ROW = {"ROME", "MEMIT", "AlphaEdit"}
 
 
 def rss_mib() -> float:
@@ -106,8 +104,7 @@ def main() -> None:
     rows = []
     load = os.getloadavg()
     for name in args.methods:
-        n_batched = args.n if name in PER_ROW else args.subset
-        b = run_child(name, "batched", n_batched, args.stats_tokens)
+        b = run_child(name, "batched", args.n, args.stats_tokens)
         a = run_child(name, "one-by-one", args.subset, args.stats_tokens)
         row = {"method": name, "batched_n": b["n"], "one_by_one_n": a["n"],
                "batched_s_per_request": b["per_request_s"], "one_by_one_s_per_request": a["per_request_s"],
@@ -125,12 +122,10 @@ def main() -> None:
         (RESULTS / "independent_edits.json").write_text(json.dumps({
             "model": "SmolLM2-135M-Instruct (embedded)", "n": args.n, "subset": args.subset,
             "stats_tokens": args.stats_tokens, "machine": {"cpus": os.cpu_count(), "loadavg_at_start": load,
-                                                          "loadavg_now": os.getloadavg(),
-                                                          "note": "shared machine, other jobs running"},
-            "note": ("batched: kv.evaluate_each(batched=True); one-by-one: batched=False. ROME/MEMIT/AlphaEdit "
-                     "batched on n requests, one-by-one on the first `subset`; FT/LoRA cannot be batched per "
-                     "row (their compute falls back to one by one), so both modes run on the subset; their "
-                     "value-role evaluation is batched per row. Ratios are per request, measured in one run."),
+                                                          "loadavg_now": os.getloadavg()},
+            "note": ("batched: kv.evaluate_each(batched=True) on n requests; one-by-one: batched=False on the "
+                     "first `subset` of them (each method's `batched_protocol` says how it ran, and any fallback). "
+                     "Ratios are per request, measured in one run."),
             "rows": rows}, indent=1))
 
 

@@ -15,7 +15,7 @@ from kvlens.memory.stats import second_moments
 
 REQ = kv.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 FAST = dict(opt=TargetOpt(steps=3), contexts=Contexts(n=2, tokens=3))
-pytestmark = pytest.mark.filterwarnings("ignore:.*did not reach its goal", "ignore:index_reduce",
+pytestmark = pytest.mark.filterwarnings("ignore:.*did not reach its goal",
                                         "ignore:low-sample")
 
 

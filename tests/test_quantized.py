@@ -18,7 +18,7 @@ from kvlens.models.kvmodel import Site
 
 pytest.importorskip("bitsandbytes")  # part of the dev install: runs in CI
 # a random tiny model does not learn Eiffel -> Rome in 3 steps; these tests check the mechanics
-pytestmark = pytest.mark.filterwarnings("ignore:.*did not reach its goal", "ignore:index_reduce")
+pytestmark = pytest.mark.filterwarnings("ignore:.*did not reach its goal")
 
 REQ = kv.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 

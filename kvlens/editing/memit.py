@@ -67,7 +67,7 @@ def target_vectors(model: KVModel, rows: Rows, hp: MEMITHparams) -> tuple[torch.
     n = rows.n_requests
     # batch requests of similar suffix length (from the subject on) together: less padding, same
     # result (rows are independent)
-    width = torch.zeros(n, dtype=torch.long).index_reduce_(
+    width = torch.zeros(n, dtype=torch.long).scatter_reduce_(
         0, rows.request, rows.batch.attention_mask.sum(-1).cpu() - rows.subject, "amax", include_self=False)
     order = torch.argsort(width, stable=True)
     delta = torch.zeros(n, model.d_model)
