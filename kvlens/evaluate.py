@@ -296,13 +296,14 @@ SCORES = {"S": (("ES", "PS", "NS"), "counterfact"), "Score": (("efficacy_acc", "
 
 
 def aggregate(rows: Sequence[dict[str, float]]) -> dict[str, Estimate]:
-    """Means (x100) with 95 % CIs over cases for every metric all rows have; S/Score by bootstrap."""
+    """Means (x100) with 95 % CIs over cases for every metric all rows have: normal approximation,
+    Wilson for a rate whose cases are all 0 or 1 (:func:`~kvlens.metrics.mean_ci`); S/Score by bootstrap."""
     out: dict[str, Estimate] = {}
     for name, key, convention in AGGREGATES:
         if rows and all(key in r for r in rows):
-            bounds = (-100.0, 100.0) if name in ("EM", "PM", "NM") else (0.0, 100.0)
-            out[name] = mean_ci([r[key] for r in rows], convention, scale=100.0,
-                                bounds=None if convention == "generation" else bounds)
+            rate = convention != "generation" and name not in ("EM", "PM", "NM")
+            bounds = (0.0, 100.0) if rate else (-100.0, 100.0) if name in ("EM", "PM", "NM") else None
+            out[name] = mean_ci([r[key] for r in rows], convention, scale=100.0, bounds=bounds, rate=rate)
     for name, (keys, convention) in SCORES.items():
         if rows and all(k in r for r in rows for k in keys):
             out[name] = harmonic_ci([[r[k] for r in rows] for k in keys], convention, scale=100.0)
@@ -357,8 +358,8 @@ class EditReport:
         for row in self.table():
             cells = " ".join(f"{'' if row[s] is None else str(row[s]):>22s}" for s in self.states)
             lines.append(f"{row['metric']:14s} {cells}  {row['convention']}")
-        lines.append("values x100, 95% CI (normal; S/Score: bootstrap). Conventions: " +
-                     "; ".join(f"{k} = {v}" for k, v in CONVENTIONS.items()))
+        lines.append("values x100, 95% CI (normal; Wilson where every case is 0 or 1; S/Score: bootstrap). "
+                     "Conventions: " + "; ".join(f"{k} = {v}" for k, v in CONVENTIONS.items()))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -245,13 +245,32 @@ def mean_half_width(x: torch.Tensor, z: float = Z95) -> tuple[torch.Tensor, torc
     return torch.where(ok.any(0), mean, math.nan), z * var.sqrt() / n.sqrt()
 
 
+def wilson(hits: int, n: int, convention: str, z: float = Z95) -> Estimate:
+    """A rate ``hits / n`` (x100) with the Wilson score 95 % interval (Wilson 1927): unlike the
+    normal approximation it does not collapse to a point at 0/n or n/n (10/10 gives [72.2, 100])."""
+    if n <= 0:
+        raise ValueError("a rate of no cases")
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if hits == 0 else max(0.0, centre - half)  # exactly 0 and 1 at the ends, not 1 - 1e-16
+    high = 1.0 if hits == n else min(1.0, centre + half)
+    return Estimate(100 * p, 100 * low, 100 * high, n, convention, "wilson")
+
+
 def mean_ci(values: Sequence[float], convention: str, *, scale: float = 1.0, z: float = Z95,
-            bounds: tuple[float, float] | None = None) -> Estimate:
+            bounds: tuple[float, float] | None = None, rate: bool = False) -> Estimate:
     """Mean and normal-approximation 95 % CI, ``mean ± z · sd / sqrt(n)`` (:func:`mean_half_width`).
 
     ``bounds`` (after scaling) clip the interval to the metric's range, e.g. (0, 100) for rates.
+    With ``rate`` (per-case values in [0, 1]), a rate whose every case is 0 or 1 (e.g. ES of one
+    prompt per case) gets the Wilson interval instead (:func:`wilson`, method ``"wilson"``), which
+    stays honest at 0/n and n/n where the normal one collapses to a point.
     """
-    a = _array(values, "mean_ci") * scale
+    raw = _array(values, "mean_ci")
+    if rate and bool(np.isin(raw, (0.0, 1.0)).all()):
+        return wilson(int(raw.sum()), int(raw.size), convention, z)
+    a = raw * scale
     mean_t, half_t = mean_half_width(torch.as_tensor(a, dtype=torch.float64), z)
     mean, half = float(mean_t), float(half_t)
     low, high = mean - half, mean + half

@@ -235,6 +235,17 @@ def record(model: KVModel, batch: Batch, *, write: Mapping[Site, Write] | None =
                   [tail[Site("resid", j)] for j in range(n)])
 
 
+def add_beside(module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """From now on every forward of ``module`` (a projection of the model) adds ``change(input)``
+    to its output, until the returned handle's ``remove()``: how an edit lives beside weights it
+    cannot write (4-bit, offloaded), seen by every forward, generation included."""
+
+    def hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + change(args[0]).to(output.dtype)
+
+    return module.register_forward_hook(hook)
+
+
 def final_normed(model: KVModel, states: torch.Tensor) -> torch.Tensor:
     """The model's final norm applied to residual ``states`` ``[..., d_model]`` (in the model's dtype).
 

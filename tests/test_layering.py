@@ -105,12 +105,6 @@ def test_models_import_nothing_above_them_at_module_level():
 _MODULE_GETTERS = {"layer", "mlp", "attn", "activation", "projection"}
 #: Module properties of KVModel called on states: ``model.final_norm(h)``, ``model.embedding(ids)``.
 _MODULE_PROPERTIES = {"embedding", "unembedding", "final_norm"}
-#: Files that still run forwards (or parts of them) outside kvlens/tracing.py and kvlens/models/, as of
-#: issue 14 ("one seam owns every forward"): shrink this as they move behind the seam. The test fails
-#: for an offender not listed here AND for a listed file that no longer offends (remove it).
-FORWARD_ALLOW_LIST = {
-    "editing/adapters.py",  # a forward hook that adds a 4-bit/offloaded layer's low-rank edit beside it (no forward)
-}
 
 
 def _direct_forwards(tree: ast.AST) -> list[tuple[int, str]]:
@@ -149,11 +143,10 @@ def _forward_offenders() -> dict[str, list[tuple[int, str]]]:
 
 
 def test_forwards_only_through_the_seam():
+    """No module outside kvlens/tracing.py and kvlens/models/ runs the model or a part of it, nor hooks
+    into its forward (issue 14: one seam owns every forward)."""
     offenders = _forward_offenders()
-    new = {f: calls for f, calls in offenders.items() if f not in FORWARD_ALLOW_LIST}
-    assert new == {}, f"forwards outside kvlens/tracing.py and kvlens/models/ (use the seam): {new}"
-    fixed = sorted(FORWARD_ALLOW_LIST - set(offenders))
-    assert fixed == [], f"no longer calling the model directly, remove from FORWARD_ALLOW_LIST: {fixed}"
+    assert offenders == {}, f"forwards outside kvlens/tracing.py and kvlens/models/ (use the seam): {offenders}"
 
 
 def test_the_forward_check_sees_each_pattern():

@@ -71,8 +71,15 @@ def test_confidence_intervals():
     e = M.mean_ci([1, 0, 1, 0], "counterfact", scale=100)
     half = 1.959964 * np.std([100, 0, 100, 0], ddof=1) / 2
     assert (e.mean, e.low, e.high, e.n) == pytest.approx((50, 50 - half, 50 + half, 4))
-    clipped = M.mean_ci([1, 1, 1, 0], "counterfact", scale=100, bounds=(0, 100))
-    assert clipped.high == 100
+    clipped = M.mean_ci([1, 1, 0.5, 1], "counterfact", scale=100, bounds=(0, 100), rate=True)
+    assert clipped.high == 100 and clipped.method == "normal"
+    # every case 0 or 1: Wilson, which does not collapse at 10/10 (the normal interval is [100, 100])
+    ten = M.mean_ci([1] * 10, "counterfact", scale=100, bounds=(0, 100), rate=True)
+    assert ten.method == "wilson" and ten.mean == 100 and ten.high == 100
+    assert ten.low == pytest.approx(100 * 10 / (10 + 1.959964**2), abs=1e-6)  # n / (n + z²)
+    assert M.mean_ci([1] * 10, "counterfact", scale=100, bounds=(0, 100)).low == 100  # without rate: normal
+    w = M.wilson(3, 4, "counterfact")
+    assert w.low < 75 < w.high < 100
     s = M.harmonic_ci([[1, 1, 1], [1, 0, 1], [1, 1, 1]], "counterfact", scale=100)
     assert s.mean == pytest.approx(100 * M.harmonic_mean([1, 2 / 3, 1]))
     assert s.low <= s.mean <= s.high and s.method == "bootstrap"

@@ -112,8 +112,8 @@ def test_edit_results_render(tmp_path):
     with delta.applied(model):
         assert "It is applied to the model now" in Report("applied").add(delta).sections[0].text
     titles = [s.title for s in r.sections]
-    assert titles == ["Edit: ft (value weights)", "Edit: ft, target probability on each edited prompt",
-                      "Edit: ft, optimisation", "Evaluate: FT values", "Edit: sequential edits, weight norms"]
+    assert titles == ["Edit: ft (value weights)", "Edit: ft (value), target probability on each edited prompt",
+                      "Edit: ft (value), optimisation", "Evaluate: FT values", "Edit: sequential edits, weight norms"]
     assert r.sections[0].table == [{"layer": 1, "role": "value", "rank": "dense",
                                     "norm": delta.parts[(1, "value")].norm()}]
     assert r.sections[0].params["fingerprints"] == {"1.value": delta.base[(1, "value")]}

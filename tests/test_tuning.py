@@ -12,8 +12,9 @@ import torch
 from conftest import TINY_CONFIGS, CharTokenizer, tiny
 
 import kvlens as kv
+from kvlens.metrics import wilson
 from kvlens.tuning import Task, TuneHParams, lora_targets
-from kvlens.tuning.score import macro_f1, match_label, score_task, wilson
+from kvlens.tuning.score import macro_f1, match_label, score_task
 from kvlens.tuning.train import VARIANTS, BatchPlan, check_variants, plan_batch
 
 
@@ -174,10 +175,10 @@ def test_answers_match_labels_at_a_word_boundary():
 
 
 def test_wilson_and_macro_f1_match_hand_computed_values():
-    est = wilson(8, 10)  # Wilson 1927: 0.8, n 10 -> [0.490, 0.943]
+    est = wilson(8, 10, "task")  # Wilson 1927: 0.8, n 10 -> [0.490, 0.943]
     assert est.mean == pytest.approx(80.0) and est.low == pytest.approx(49.02, abs=0.01)
     assert est.high == pytest.approx(94.33, abs=0.01) and est.method == "wilson"
-    assert wilson(0, 5).low == 0.0 and wilson(5, 5).high == pytest.approx(100.0)
+    assert wilson(0, 5, "task").low == 0.0 and wilson(5, 5, "task").high == pytest.approx(100.0)
     gold, pred = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, -1, 2])
     # class 0: tp1 fp0 fn1 -> 2/3; class 1: tp1 fp1 fn1 -> 1/2; class 2: 1
     assert macro_f1(gold, pred, 3) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)

@@ -95,23 +95,21 @@ def check_beside(delta: Any, model: KVModel, force: bool) -> None:
             "pass force=True to transfer it to this model anyway")
 
 
-def _adapter_hook(left: torch.Tensor, right: torch.Tensor | None, value: bool) -> Callable:
-    """A forward hook adding ``x ΔWᵀ`` to a projection's output (``ΔW`` canonical ``[d_ff, d_model]``).
+def _adapter_change(left: torch.Tensor, right: torch.Tensor | None, value: bool) -> Callable:
+    """``x ↦ x ΔWᵀ``, the change of a projection's output (``ΔW`` canonical ``[d_ff, d_model]``).
 
     Value projections map ``k`` (d_ff) to d_model: the change is ``k @ ΔV``; key and gate
     projections map ``x`` (d_model) to d_ff: ``x @ ΔKᵀ``.
     """
 
-    def hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0].float()
+    def change(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
         a, b = left.to(x.device).float(), None if right is None else right.to(x.device).float()
         if value:
-            change = x @ a if b is None else (x @ a) @ b
-        else:
-            change = x @ a.T if b is None else (x @ b.T) @ a.T
-        return output + change.to(output.dtype)
+            return x @ a if b is None else (x @ a) @ b
+        return x @ a.T if b is None else (x @ b.T) @ a.T
 
-    return hook
+    return change
 
 
 def apply_beside(delta: Any, model: KVModel, *, force: bool = False) -> BesideEdit:
@@ -121,10 +119,10 @@ def apply_beside(delta: Any, model: KVModel, *, force: bool = False) -> BesideEd
     handles = []
     try:
         for (layer, role), part in delta.parts.items():
-            hook = _adapter_hook(part.left.detach(), None if part.right is None else part.right.detach(),
-                                 role == "value")
+            change = _adapter_change(part.left.detach(), None if part.right is None else part.right.detach(),
+                                     role == "value")
             module = cast(torch.nn.Module, model.projection(layer, role))  # a local projection is a Module
-            handles.append(module.register_forward_hook(hook))
+            handles.append(tracing.add_beside(module, change))
     except BaseException:
         for h in handles:
             h.remove()

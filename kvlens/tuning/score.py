@@ -16,7 +16,6 @@ each task.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvlens.metrics import Z95, Estimate
+from kvlens.metrics import Estimate, wilson
 from kvlens.models.kvmodel import Batch, KVModel, Site
 from kvlens.prompts import continuation_ids
 from kvlens.tracing import run
@@ -67,16 +66,6 @@ def greedy_answers(model: KVModel, task: Task, examples: Sequence[TaskExample], 
 
 
 # ---- metrics --------------------------------------------------------------------------------------
-def wilson(hits: int, n: int, convention: str = CONVENTION, z: float = Z95) -> Estimate:
-    """Accuracy ``hits / n`` (x100) with the Wilson score 95 % interval (Wilson 1927)."""
-    if n <= 0:
-        raise ValueError("accuracy of no examples")
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Estimate(100 * p, 100 * max(0.0, centre - half), 100 * min(1.0, centre + half), n, convention, "wilson")
-
-
 def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
     """Macro-F1 of integer labels (``pred`` -1 = no label) over labels that are gold or predicted."""
     k = n_labels
@@ -141,7 +130,8 @@ def score_task(task: Task, answers: Sequence[str], *, n_boot: int = 1000, seed: 
         tp, fp = int(((g == j) & (p == j)).sum()), int(((g != j) & (p == j)).sum())
         fn = int(((g == j) & (p != j)).sum())
         f1[lab] = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0
-    return TaskScore(task.name, task.labels, gold, pred, list(answers), wilson(int((g == p).sum()), len(g)),
+    accuracy = wilson(int((g == p).sum()), len(g), CONVENTION)
+    return TaskScore(task.name, task.labels, gold, pred, list(answers), accuracy,
                      Estimate(100 * macro_f1(g, p, k), 100 * low, 100 * high, len(g), CONVENTION, "bootstrap"), f1)
 
 
@@ -160,7 +150,7 @@ def overall(scores: Sequence[TaskScore], *, n_boot: int = 1000, seed: int = 0) -
     boots /= len(scores)
     point = float(np.mean([s.macro_f1.mean for s in scores]))
     low, high = _percentile(boots)
-    return wilson(hits, n), Estimate(point, 100 * low, 100 * high, n, CONVENTION, "bootstrap")
+    return wilson(hits, n, CONVENTION), Estimate(point, 100 * low, 100 * high, n, CONVENTION, "bootstrap")
 
 
 def evaluate_tasks(model: KVModel, tasks: Sequence[Task], *, hp: TuneHParams, batch_size: int = 32,

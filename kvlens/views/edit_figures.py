@@ -259,7 +259,8 @@ def key_bars(delta: WeightDelta, *, request: int = 0, top: int = 20) -> go.Figur
 
 
 def optimisation_rows(delta: WeightDelta) -> list[dict[str, Any]]:
-    """Per request: final loss, steps taken and ‖δ‖ against its reference, as recorded by the method."""
+    """Per request: final loss, steps taken and ‖δ‖ against its reference, as recorded by the method
+    (a method that optimises all requests as one batch, as fine-tuning, has one loss: on the first row)."""
     opt = delta.info.get("opt") or {}
     loss, steps = opt.get("loss"), opt.get("steps")
     per_request = isinstance(steps, list)
@@ -268,8 +269,8 @@ def optimisation_rows(delta: WeightDelta) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"request": f"{req.text} -> {req.target_new}"}
         if per_request and isinstance(steps, list) and isinstance(loss, list) and i < len(loss):
             row.update(final_loss=loss[i], steps=steps[i])
-        elif isinstance(loss, list) and loss:
-            row.update(final_loss=loss[-1], steps=steps)
+        elif isinstance(loss, list) and loss and i == 0:  # one optimisation of all requests together
+            row.update({"final loss (all requests together)": loss[-1], "steps": steps})
         rows.append(row)
     if "delta_norm" in delta.info and rows:  # ROME: ‖δ‖ against the clamp reference ‖MLP output‖
         rows[0].update(delta_norm=delta.info["delta_norm"], reference_norm=delta.info.get("reference_norm"))

@@ -45,7 +45,8 @@ GLOSSARY: dict[str, str] = {
     "Locality": "EasyEdit locality: % of neighbouring-prompt tokens whose top-1 is unchanged by the edit",
     "GE": "generation entropy: n-gram entropy of generated text (fluency, ROME Eq. 27)",
     "RS": "reference score: TF-IDF cosine of generated text with reference texts (consistency)",
-    "CI": "95 % confidence interval over the cases (bootstrap for the harmonic means)",
+    "CI": "95 % confidence interval over the cases (normal approximation; Wilson score interval for a rate "
+          "whose every case is 0 or 1, so 10/10 reads [72, 100], not [100, 100]; bootstrap for the harmonic means)",
 }
 
 

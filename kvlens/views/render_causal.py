@@ -28,13 +28,27 @@ def peak_rows(tr: CausalTrace) -> list[dict[str, Any]]:
     return rows
 
 
+def _how(tr: CausalTrace) -> str:
+    """How the numbers were made, in words (the exact trace is ROME's procedure, Meng et al. 2022 §2.1)."""
+    p = tr.params
+    noise, samples, window = p.get("noise_std"), p.get("samples"), p.get("window")
+    how = ("Numbers: exact, ROME's procedure (every restored state run through the model). " if not tr.estimate
+           else "Numbers: an estimate by attribution patching (one gradient per kind), not the exact effect. ")
+    if noise is not None:
+        how += (f"Gaussian noise of std {float(noise):.3g} on the subject's tokens (by default 3 × the std of "
+                f"known subjects' token embeddings, ROME's s3), {samples} noise draw(s) per cell")
+        how += f"; MLP and attention cells restore a window of {window} layers centred on the layer. " if window \
+            else ". "
+    return how + "'p restored' is p(target) with that state restored, averaged over the draws."
+
+
 @to_sections.register
 def _trace(result: CausalTrace) -> list[Section]:
     start, end = result.subject_range
     text = (f"Causal trace of {result.prompt!r}: the subject {result.subject!r} (tokens {start}–{end - 1}) is "
             f"corrupted with noise and each (token, layer) state is restored in turn. p({result.target.strip()!r}) "
             f"is {result.high:.3f} clean and {result.low:.3f} corrupted (total effect {result.total_effect:.3f}). "
-            f"Numbers: {result.label}.")
+            + _how(result))
     return [Section(f"Locate: causal trace of {result.subject!r}", text=text, table=peak_rows(result),
                     figure=trace_figures.trace_heatmaps(result),
                     params={**result.params, "prompt": result.prompt, "subject": result.subject,

@@ -44,25 +44,26 @@ def _delta(result: WeightDelta) -> list[Section]:
     params = {"model": result.model_name, "method": result.method, "hparams": result.hparams,
               "requests": [q.to_dict() for q in result.requests],
               "fingerprints": {f"{l}.{r}": fp for (l, r), fp in result.base.items()}}
+    name = f"{result.method} ({'+'.join(roles)})"  # every section says which side: ft (key) vs ft (value)
     sections = [Section(f"Edit: {result.method} ({'+'.join(roles)} weights)", text=text, table=delta_rows(result),
                         figure=edit_figures.part_norm_bars(result), params=params)]
     outcome = outcome_rows(result)
     if outcome:
-        sections.append(Section(f"Edit: {result.method}, target probability on each edited prompt", table=outcome,
+        sections.append(Section(f"Edit: {name}, target probability on each edited prompt", table=outcome,
                                 params={"method": result.method}))
     curve = edit_figures.optimisation_curve(result)
     opt_rows = edit_figures.optimisation_rows(result)
     if curve is not None or any(len(r) > 1 for r in opt_rows):
-        sections.append(Section(f"Edit: {result.method}, optimisation", table=opt_rows, figure=curve,
+        sections.append(Section(f"Edit: {name}, optimisation", table=opt_rows, figure=curve,
                                 params={"method": result.method}))
     shares = edit_figures.layer_shares(result)
     if shares is not None:
-        sections.append(Section(f"Edit: {result.method}, each layer's share of the residual",
+        sections.append(Section(f"Edit: {name}, each layer's share of the residual",
                                 table=[dict(r) for r in result.info["layer_shares"]], figure=shares,
                                 params={"method": result.method}))
     key = edit_figures.key_bars(result)
     if key is not None:
-        sections.append(Section(f"Edit: {result.method}, the key the update was computed for", figure=key,
+        sections.append(Section(f"Edit: {name}, the key the update was computed for", figure=key,
                                 params={"method": result.method}))
     return sections
 

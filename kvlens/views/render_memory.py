@@ -70,7 +70,14 @@ def _values(result: VocabProjection) -> list[Section]:
 def _found(result: FoundMemories) -> list[Section]:
     rows = [{"rank": r + 1, "layer": f.layer, "memory": f.memory, "score": f.score, "token rank": f.rank}
             for r, f in enumerate(result.found)]
-    return [Section(f"Inspect: memories whose value writes {result.token!r}", table=rows,
+    score = ("how many standard deviations the token's logit r(v)·E[t] lies above the mean over the vocabulary"
+             if result.by == "zscore" else "the token's logit r(v)·E[t] from the value vector v")
+    text = (f"Value vectors (rows of the FFN's output matrix) of layers {min(result.scores)}–{max(result.scores)} "
+            f"ranked by their score for {result.token!r}: {score} (r = "
+            + ("the final norm" if result.norm == "final" else "no norm" if result.norm == "none" else "a frozen norm")
+            + ", Geva et al. 2021 §4). 'token rank' is where the token stands among all of that value's logits "
+              "(0 = its top token): a high score with a large rank means the value writes many tokens more strongly.")
+    return [Section(f"Inspect: memories whose value writes {result.token!r}", text=text, table=rows,
                     figure=figures.found_memories_bars(result),
                     params={"model": result.model_name, "token": result.token, "token_id": result.token_id,
                             "norm": result.norm, "by": result.by, "layers": sorted(result.scores),

@@ -36,8 +36,8 @@ from kvlens.views.report import Report, Section
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEFAULT_CASE = 167  # The Eiffel Tower: Paris -> London, 3 paraphrases, 6 neighbours
 #: Facts edited and evaluated by default: enough for the 95 % intervals over facts to be informative
-#: (with 1 fact an interval is a single point). The default run time on a quiet 2-core CPU is not
-#: measured yet; ``--cases 3 --trace approx`` took 268 CPU-seconds on a heavily loaded machine.
+#: (with 1 fact an interval is a single point). The default tour took 11.6 min on a 2-core CPU
+#: (2026-12-02); ``--cases 4 --trace approx`` is the short run.
 DEFAULT_CASES = 10
 #: Noise draws per cell of the tour's exact trace.
 DEFAULT_SAMPLES = 3
@@ -52,7 +52,8 @@ def tour_methods() -> dict[str, tuple[Callable[[], EditMethod], str]]:
     own methods to :func:`tour` for the full algorithm, or MEMIT.
     """
     return {"fine-tune keys": (KeyFT, "key"), "fine-tune values": (ValueFT, "value"),
-            "ROME (values, rank one; reference)": (lambda: ROME(mom2_adjustment=False), "value")}
+            "ROME (values, a rank-one update per fact, without C⁻¹; reference)":
+                (lambda: ROME(mom2_adjustment=False), "value")}
 
 
 def find_case(case_id: int) -> EvalCase:
@@ -62,6 +63,30 @@ def find_case(case_id: int) -> EvalCase:
         if case.case_id == case_id:
             return case
     raise KeyError(f"no bundled case {case_id}; ids run from {cases[0].case_id} to {cases[-1].case_id}")
+
+
+def _mentions(case: EvalCase, subject: str) -> bool:
+    """Whether any prompt ``case`` is scored on names ``subject``."""
+    prompts = (case.rewrite_prompt, *case.paraphrase_prompts, *case.neighborhood_prompts)
+    return any(subject in p for p in prompts)
+
+
+def independent_cases(first: EvalCase, pool: list[EvalCase], n: int) -> list[EvalCase]:
+    """``first`` and the next cases of ``pool`` that can be edited together without one edit's
+    request being another's neighbour: a case is skipped when a chosen case's prompts name its
+    subject or its prompts name a chosen subject (in the bundled set, same-relation facts are each
+    other's neighbours: edited together, a neighbour "that should stay" would be asked to change).
+    One fact per relation is taken first, so that the facts are not all of one kind."""
+    chosen = [first]
+    for new_relation in (True, False):  # first one fact per relation (template), then any
+        for case in pool:
+            if len(chosen) == n:
+                return chosen
+            if case in chosen or (new_relation and any(c.prompt == case.prompt for c in chosen)):
+                continue
+            if not any(_mentions(c, case.subject) or _mentions(case, c.subject) for c in chosen):
+                chosen.append(case)
+    return chosen
 
 
 def prediction_section(model: KVModel, prompt: str, k: int = 10) -> Section:
@@ -119,7 +144,7 @@ def tour(model: KVModel, prompt: str = DEFAULT_PROMPT, layer: int | None = None,
     top = found.found[0]
     report.add(found, values(model, top.layer, [f.memory for f in found.found if f.layer == top.layer], k=8))
     if edit:
-        cases = [fact] + [c for c in load_bundled() if c.case_id != fact.case_id][: n_cases - 1]
+        cases = independent_cases(fact, load_bundled(), n_cases)
         _edits(model, cases, methods or tour_methods(), report, log)
     return report
 
@@ -144,12 +169,19 @@ def prompts_section(cases: list[EvalCase]) -> Section:
 def _edits(model: KVModel, cases: list[EvalCase], methods: dict[str, tuple[Callable[[], EditMethod], str]],
            report: Report, log: Callable[[str], None]) -> None:
     facts = "; ".join(f"{c.rewrite_prompt!r} → {c.target_new.strip()!r}" for c in cases[:3])
+    gated = model.spec.gate is not None
+    key_matrix = (f"the FFN's key projection {model.spec.key}; its gate {model.spec.gate} is left as it is"
+                  if gated else f"the FFN's first matrix, {model.spec.key}")
+    value_matrix = f"its output matrix, {model.spec.value}"
     report.add(Section("Edit: keys vs values", text=(
         f"The same {len(cases)} facts ({facts}{' …' if len(cases) > 3 else ''}) are edited together by each "
-        "method below: fine-tuning the keys (the FFN's first matrix) and fine-tuning the values (its second "
-        "matrix) with the same loss, steps and constraints, so that only the side differs (Qiu et al. 2024); "
-        "ROME, a rank-one edit of the values, is shown beside them as the reference value-side method. Each "
-        "edit is computed on the weights, measured, and reverted. " + eval_figures.explain(
+        f"method below: fine-tuning the keys ({key_matrix}) and fine-tuning the values ({value_matrix}) with "
+        "the same loss, steps and constraints, so that only the side differs (Qiu et al. 2024); ROME, a "
+        "rank-one edit of the values per fact (applied one after another), is shown beside them as the "
+        "reference value-side method, here without its key statistics C (mom2_adjustment=False, as "
+        "EasyEdit's Llama defaults: collecting E[kkᵀ] takes minutes on a CPU). No fact is another's "
+        "neighbour (facts whose prompts name each other's subjects are skipped). Each edit is computed on "
+        "the weights, measured, and reverted. " + eval_figures.explain(
             ["ES", "PS", "NS", "S"]))))
     report.add(prompts_section(cases))
     baseline = evaluate(model, cases, method="unedited")
