@@ -53,27 +53,25 @@ def lora_part(A: torch.Tensor, B: torch.Tensor, scaling: float, role: str) -> Pa
 
 
 @contextlib.contextmanager
-def injected(model: KVModel, hp: LoRAHparams, names: Sequence[str]) -> Iterator[list[Any]]:
-    """peft's LoRA layers at the modules ``names`` for the block: yields them, in that order.
-
-    A is drawn by peft (``init_lora_weights=True``: Kaiming-uniform A, B = 0) from the global RNG
-    seeded with ``hp.contexts.seed``, which is left as it was; afterwards (also after an interrupt
-    mid-injection) the model gets its own modules and ``peft_config`` back.
+def peft_lora(model: KVModel, config: Any, seed: int) -> Iterator[Any]:
+    """peft's LoRA layers (``config``: a ``LoraConfig``) inside the model for the block; yields peft's
+    ``LoraModel``. A is drawn by peft from the global RNG seeded with ``seed``, which is left as it
+    was. Afterwards (also after an interrupt mid-injection) the model gets its own modules, its
+    ``peft_config``, every parameter's ``requires_grad`` and its train/eval mode back, bitwise.
+    The one injection of editing (:func:`injected`) and task tuning (:mod:`kvlens.tuning.train`).
     """
-    from peft import LoraConfig
     from peft.tuners.lora import LoraModel
 
-    config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha,  # type: ignore[arg-type]  # peft says int; scaling = alpha / r
-                        lora_dropout=hp.dropout, target_modules=list(names),
-                        bias="none", fan_in_fan_out=model.spec.conv1d, init_lora_weights=True)
+    training = model.hf.training
+    grads = {n: p.requires_grad for n, p in model.hf.named_parameters()}
     had_config = hasattr(model.hf, "peft_config")  # peft writes into it: set it aside meanwhile
     saved_config = model.hf.__dict__.pop("peft_config", None) if had_config else None
     lora = None
     try:
-        with torch.random.fork_rng():  # peft draws A from the global RNG: seed it, leave it as it was
-            torch.manual_seed(hp.contexts.seed)
+        with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG: seed it, leave it as it was
+            torch.manual_seed(seed)
             lora = LoraModel(model.hf, config, "default")
-        yield [model.hf.get_submodule(n) for n in names]  # peft's LoRA layers
+        yield lora
     finally:
         if lora is not None:
             lora.unload()
@@ -82,7 +80,25 @@ def injected(model: KVModel, hp: LoRAHparams, names: Sequence[str]) -> Iterator[
         model.hf.__dict__.pop("peft_config", None)
         if had_config:
             model.hf.__dict__["peft_config"] = saved_config  # as it was popped
-        model.hf.requires_grad_(False)
+        for n, p in model.hf.named_parameters():
+            p.requires_grad_(grads.get(n, False))
+        model.hf.train(training)
+
+
+@contextlib.contextmanager
+def injected(model: KVModel, hp: LoRAHparams, names: Sequence[str]) -> Iterator[list[Any]]:
+    """peft's LoRA layers at the modules ``names`` for the block: yields them, in that order.
+
+    ``init_lora_weights=True``: Kaiming-uniform A, B = 0, A seeded with ``hp.contexts.seed``
+    (:func:`peft_lora`, which also gives the model back as it was).
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha,  # type: ignore[arg-type]  # peft says int; scaling = alpha / r
+                        lora_dropout=hp.dropout, target_modules=list(names),
+                        bias="none", fan_in_fan_out=model.spec.conv1d, init_lora_weights=True)
+    with peft_lora(model, config, hp.contexts.seed):
+        yield [model.hf.get_submodule(n) for n in names]  # peft's LoRA layers
 
 
 @register_method

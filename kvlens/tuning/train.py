@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kvlens.editing.lora import _restore_modules, target_modules
+from kvlens.editing.lora import peft_lora, target_modules
 from kvlens.models.kvmodel import KVModel, wrap
 from kvlens.prompts import continuation_ids
 from kvlens.tuning.hparams import TuneHParams
@@ -182,30 +182,9 @@ def lora_config(names: list[str], hp: TuneHParams, model: KVModel) -> Any:
 
 @contextlib.contextmanager
 def adapters(model: KVModel, names: list[str], hp: TuneHParams) -> Iterator[KVModel]:
-    """Fresh LoRA adapters on ``names`` inside the model; removed (bitwise) on exit."""
-    from peft.tuners.lora import LoraModel
-
-    training = model.hf.training
-    grads = {n: p.requires_grad for n, p in model.hf.named_parameters()}
-    had_config = hasattr(model.hf, "peft_config")
-    saved_config = model.hf.__dict__.pop("peft_config", None) if had_config else None
-    lora = None
-    try:
-        with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG
-            torch.manual_seed(hp.seed)
-            lora = LoraModel(model.hf, lora_config(names, hp, model), "default")
+    """Fresh LoRA adapters on ``names`` inside the model; removed (bitwise) on exit (:func:`peft_lora`)."""
+    with peft_lora(model, lora_config(names, hp, model), hp.seed):
         yield model
-    finally:
-        if lora is not None:
-            lora.unload()
-        else:
-            _restore_modules(model.hf)
-        model.hf.__dict__.pop("peft_config", None)
-        if had_config:
-            setattr(model.hf, "peft_config", saved_config)  # noqa: B010 (nn.Module's typing hides it)
-        for n, p in model.hf.named_parameters():
-            p.requires_grad_(grads.get(n, False))
-        model.hf.train(training)
 
 
 @contextlib.contextmanager
