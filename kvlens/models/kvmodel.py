@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
@@ -497,35 +497,19 @@ class KVModel:
         return h.hexdigest()
 
     def _tensor_digest(self, name: str, tensor: torch.Tensor) -> bytes:
-        """SHA-256 of a parameter's bytes, kept per name with the tensor's version (as
-        :meth:`_weight_digest`); any dtype, packed 4-bit weights included."""
-        version = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.is_meta)
-        cached = self._tensor_digests.get(name)
-        if cached is not None and cached[0] == version:
-            return cached[1]
+        """SHA-256 of a parameter's bytes (any dtype, packed 4-bit weights included), once per state."""
         if tensor.is_meta:
             raise RuntimeError(f"{name} has no local values (a model without local weights) to fingerprint")
-        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        digest = hashlib.sha256(raw.numpy().tobytes()).digest()
-        self._tensor_digests[name] = (version, digest)
-        return digest
+
+        def raw() -> bytes:
+            return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return _once_per_state(self._tensor_digests, name, tensor, raw)
 
     def _weight_digest(self, layer: int, role: Role) -> bytes:
-        """SHA-256 of one FFN weight, computed once per weight state.
-
-        Kept per tensor with its version (``data_ptr``, in-place ``_version``, shape, dtype): every
-        in-place write (``delta.apply``/``revert``, an optimiser step) bumps ``_version``, and a
-        swapped tensor has another ``data_ptr``, so a stale digest is never reused.
-        """
-        stored = self.projection(layer, role).weight
-        version = (stored.data_ptr(), stored._version, tuple(stored.shape), stored.dtype, stored.is_meta)
-        cached = self._digests.get((layer, role))
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        w = self.weight(layer, role).detach()
-        digest = hashlib.sha256(w.to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
-        self._digests[(layer, role)] = (version, digest)
-        return digest
+        """SHA-256 of one FFN weight (its canonical float32 values, as delta files record), once per state."""
+        def values() -> bytes:
+            return self.weight(layer, role).detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return _once_per_state(self._digests, (layer, role), self.projection(layer, role).weight, values)
 
     def card(self) -> dict[str, Any]:
         """A plain description for reports and reprs."""
@@ -565,6 +549,20 @@ class KVModel:
                     f"the {self.spec.model_type} spec names FFN {role} projection "
                     f"{getattr(self.spec, role)!r}, which layer 0's MLP {what}"
                 ) from None
+
+
+def _once_per_state(store: dict[Any, tuple[tuple[Any, ...], bytes]], key: Any, tensor: torch.Tensor,
+                    data: Callable[[], bytes]) -> bytes:
+    """SHA-256 of ``data()``, kept in ``store[key]`` with ``tensor``'s version (``data_ptr``, in-place
+    ``_version``, shape, dtype): every in-place write (``delta.apply``/``revert``, an optimiser step)
+    bumps ``_version`` and a swapped tensor has another ``data_ptr``, so a stale digest is never reused."""
+    version = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.is_meta)
+    cached = store.get(key)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    digest = hashlib.sha256(data()).digest()
+    store[key] = (version, digest)
+    return digest
 
 
 def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str = "", prefix: str = "",
