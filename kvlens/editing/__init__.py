@@ -14,7 +14,7 @@ from kvlens.editing.finetune import FineTune, GateFT, KeyFT, ValueFT
 from kvlens.editing.history import EditHistory
 from kvlens.editing.hparams import Contexts, FTHparams, LoRAHparams, MEMITHparams, ROMEHparams, TargetOpt
 from kvlens.editing.lora import LoRA, LoRAGates, LoRAKeys, LoRAValues
-from kvlens.editing.memit import MEMIT
+from kvlens.editing.memit import MEMIT, Targets
 from kvlens.editing.request import EditRequest, check_requests
 from kvlens.editing.rome import ROME
 
@@ -41,6 +41,7 @@ __all__ = [
     "Part",
     "ROMEHparams",
     "TargetOpt",
+    "Targets",
     "ValueFT",
     "WeightDelta",
     "available_methods",

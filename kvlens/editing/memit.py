@@ -13,6 +13,12 @@
    solved in float64 and kept as low-rank factors ``[d_ff, n] @ [n, d_model]``.
 3. ``sequential_batch``: requests are inserted in sequential batches, each on top of the last.
 
+Stage 1 depends only on the requests, the top layer L, the optimisation (``opt``) and the
+contexts; stage 2 adds λ, the statistics and the lower layers of R. :meth:`MEMIT.targets`
+returns stage 1's result (:class:`Targets`) and ``compute(..., targets=t)`` reuses it, so a sweep
+over λ, statistics size or the start of R optimises z once (the released code caches z to disk
+for the same reason, ``compute_z`` ``cache_fname``).
+
 ``info`` records, for the views: the z optimisation per request and step (``opt``), each layer's
 share of the residual (``layer_shares``: mean ‖z − h‖ still to insert before the layer, the mean
 ‖r^l‖ assigned to it, and that as a share of ‖z − h^L‖), the mean ‖z − h‖ left after the edit,
@@ -22,7 +28,8 @@ and the keys of the first requests.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +47,7 @@ from kvlens.editing.base import EditMethod, check_layers, register_method, seque
 from kvlens.editing.delta import Part, PartKey, WeightDelta
 from kvlens.editing.hparams import MEMIT_PRESETS, MEMITHparams, ReferenceOption
 from kvlens.editing.per_row import stack_changes
-from kvlens.editing.request import EditRequest, check_each
+from kvlens.editing.request import EditRequest, check_each, check_requests
 from kvlens.memory.stats import resolve_moments
 from kvlens.models.kvmodel import KVModel, Site
 
@@ -88,6 +95,28 @@ def target_vectors(model: KVModel, rows: Rows, hp: MEMITHparams) -> tuple[torch.
     return h + delta, h, log
 
 
+@dataclass(frozen=True)
+class Targets:
+    """Stage 1 of MEMIT for some requests: z_i = h^L_i + δ_i (Eq. 16) at the top layer L.
+
+    Made by :meth:`MEMIT.targets`; ``MEMIT.compute(model, requests, targets=t)`` inserts them
+    with any λ, statistics or lower layers of R whose top layer is ``top``. ``made_with`` holds
+    what z depends on (the optimisation and contexts hyperparameters, the model's FFN-weight
+    fingerprint) so a stale or mismatched reuse is refused.
+    """
+
+    requests: tuple[EditRequest, ...]
+    top: int
+    z: torch.Tensor
+    h: torch.Tensor
+    log: dict[str, Any]
+    made_with: dict[str, Any]
+
+
+def _made_with(model: KVModel, hp: MEMITHparams) -> dict[str, Any]:
+    return {"top": hp.layers[-1], "opt": hp.opt, "contexts": hp.contexts, "model": model.fingerprint()}
+
+
 def alone_left(base: torch.Tensor, keys: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
     """Each request's own ``(B + a kᵀ)⁻¹ a`` = ``B⁻¹a / (1 + kᵀB⁻¹a)`` (Sherman–Morrison), ``[n, d_ff]``.
 
@@ -133,6 +162,16 @@ class MEMIT(ReferenceOption, EditMethod):
     def alone_update(self, layer: int, C: torch.Tensor, keys: torch.Tensor, hp: MEMITHparams) -> torch.Tensor:
         """Left factors ``[n, d_ff]`` of each request's own update at ``layer`` (Eq. 14 with n = 1)."""
         return alone_left(hp.lam * C.double(), keys, keys)
+
+    def targets(self, model: KVModel, requests: EditRequest | Iterable[EditRequest]) -> Targets:
+        """Stage 1 alone (Eq. 16): the z of ``requests`` at the top layer of this method's range."""
+        model.require_local(f"{type(self).__name__}.targets")
+        reqs = check_requests(requests)
+        hp = self.hparams_for(model)
+        self.check(model, hp)
+        rows = build_rows(model, reqs, context_templates(model, hp.contexts))
+        z, h, log = target_vectors(model, rows, hp)
+        return Targets(reqs, hp.layers[-1], z, h, log, _made_with(model, hp))
 
     def compute_each(self, model: KVModel, requests: Sequence[EditRequest], *, batch_size: int = 32,
                      stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
@@ -206,18 +245,40 @@ class MEMIT(ReferenceOption, EditMethod):
 
     def _compute(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams, *,
                  stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
-                 sequential_batch: int | None = None, **_: Any) -> WeightDelta:
+                 sequential_batch: int | None = None, targets: Targets | None = None, **_: Any) -> WeightDelta:
+        if targets is not None:
+            self._check_targets(model, requests, hp, targets, sequential_batch)
         moments = resolve_moments(model, hp.layers, stats, corpus, hp.stats_tokens,
                                   invertible=self.invertible_moments)
         templates = context_templates(model, hp.contexts)
         size = sequential_batch or len(requests)
         chunks = [requests[i: i + size] for i in range(0, len(requests), size)]
-        return sequentially(model, chunks, lambda c: self._batch(model, c, hp, moments, templates))
+        return sequentially(model, chunks, lambda c: self._batch(model, c, hp, moments, templates, targets))
+
+    @staticmethod
+    def _check_targets(model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams, targets: Targets,
+                       sequential_batch: int | None) -> None:
+        """Refuse a reuse of z that would not give what computing them anew gives."""
+        if targets.requests != requests:
+            raise ValueError("targets were computed for other requests: pass the requests given to "
+                             "MEMIT.targets, in the same order")
+        if sequential_batch is not None and sequential_batch < len(requests):
+            raise ValueError("targets cannot be reused with sequential_batch: each batch's z depends on the "
+                             "batches inserted before it")
+        now = _made_with(model, hp)
+        for name in ("top", "opt", "contexts"):
+            if targets.made_with[name] != now[name]:
+                raise ValueError(f"targets were optimised with {name} {targets.made_with[name]!r}, this method "
+                                 f"has {now[name]!r}: z depends on it; compute them again with MEMIT.targets")
+        if targets.made_with["model"] != now["model"]:
+            raise ValueError("the model's FFN weights changed since these targets were optimised (an edit was "
+                             "applied or reverted): compute them again with MEMIT.targets")
 
     def _batch(self, model: KVModel, requests: tuple[EditRequest, ...], hp: MEMITHparams,
-               moments: Mapping[int, torch.Tensor], templates: tuple[str, ...]) -> WeightDelta:
+               moments: Mapping[int, torch.Tensor], templates: tuple[str, ...],
+               targets: Targets | None = None) -> WeightDelta:
         rows = build_rows(model, requests, templates)
-        z, h, log = target_vectors(model, rows, hp)
+        z, h, log = (targets.z, targets.h, targets.log) if targets is not None else target_vectors(model, rows, hp)
         top = Site("resid", hp.layers[-1])
         clean = rows.select(range(rows.n_requests), clean=True)
         parts: dict[PartKey, Part] = {}
