@@ -30,6 +30,7 @@ from kvlens.editing.base import EditMethod
 from kvlens.editing.history import EditHistory
 from kvlens.editing.request import EditRequest
 from kvlens.evaluate import evaluate
+from kvlens.independent import requests_of
 from kvlens.memory.activations import keys
 from kvlens.memory.readout import layer_readout
 from kvlens.models.kvmodel import KVModel
@@ -45,7 +46,6 @@ from kvlens.views.steps import (
     empty_figure,
     in_kernel,
     probability_rows,
-    to_request,
 )
 from kvlens.views.widgets import (
     App,
@@ -58,7 +58,7 @@ from kvlens.views.widgets import (
     show_figure,
 )
 
-__all__ = ["EDIT_SCORE", "EditStepper", "Step", "default_methods", "in_kernel", "probability_rows", "to_request"]
+__all__ = ["EDIT_SCORE", "EditStepper", "Step", "default_methods", "in_kernel", "probability_rows"]
 
 
 class EditStepper(App):
@@ -300,11 +300,11 @@ class EditStepper(App):
                 readout = layer_readout(self.model, case.prompt, case.subject, target)
                 method = self.methods[label]()
                 try:
-                    delta = method.compute(self.model, [to_request(case)], progress=self._progress(label, progress))
+                    delta = method.compute(self.model, requests_of([case]), progress=self._progress(label, progress))
                 except TypeError as exc:  # a user's method without the progress hook
                     if "progress" not in str(exc):
                         raise
-                    delta = method.compute(self.model, [to_request(case)])
+                    delta = method.compute(self.model, requests_of([case]))
                 self._check_cancel()
                 self.compute_count += 1
                 progress(0.6)

@@ -15,7 +15,6 @@ from kvlens.datasets import EvalCase
 from kvlens.editing import MEMIT, ROME, KeyFT, LoRAKeys, LoRAValues, ValueFT
 from kvlens.editing.base import EditMethod
 from kvlens.editing.delta import WeightDelta
-from kvlens.editing.request import EditRequest
 from kvlens.evaluate import EditReport
 from kvlens.memory.activations import KeyActivations
 from kvlens.memory.readout import LayerReadout
@@ -39,11 +38,6 @@ def in_kernel() -> bool:
 
 #: How the stepper's metrics score a target of several tokens.
 EDIT_SCORE = "its probability is the geometric mean over them"
-
-
-def to_request(case: EvalCase) -> EditRequest:
-    """The edit request of an evaluation case."""
-    return EditRequest(case.prompt, case.subject, case.target_new, case.target_true)
 
 
 def probability_rows(report: EditReport) -> list[dict[str, Any]]:
