@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from kvlens.editing._shared import Rows, _Adam, build_rows, forward_logprobs, report_step, request_losses
+from kvlens.editing._shared import (
+    Rows,
+    _Adam,
+    _kl_index,
+    build_rows,
+    forward_logprobs,
+    report_step,
+    request_losses,
+)
 from kvlens.editing.delta import Part, PartKey, WeightDelta
 from kvlens.editing.hparams import FTHparams
 from kvlens.editing.request import EditRequest
@@ -142,7 +150,8 @@ def fit_each(model: KVModel, rows: Rows, leaves: Sequence[torch.Tensor],
     target + its KL term (+ ``penalty(params)[r]``); the total is a *sum* over requests, so each
     slice gets its own request's gradient, and Adam is elementwise
     (:class:`~kvlens.editing._shared._Adam`, only active rows stepping): each request follows the
-    run it would have alone. A request stops once its NLL is below ``early_stop``; ``project``
+    run it would have alone. A request stops once its NLL is below ``early_stop`` and its rows
+    leave the forwards (as in :func:`~kvlens.editing._shared.optimise_targets`); ``project``
     (no grad) runs after each step on the leaves and the mask of active requests (FT+L's clamp).
     Returns each request's log, shaped as ``fit``'s log of it alone.
     """
@@ -152,28 +161,34 @@ def fit_each(model: KVModel, rows: Rows, leaves: Sequence[torch.Tensor],
     kl_init: torch.Tensor | None = None
     losses: list[list[float]] = [[] for _ in range(n)]
     final_nll = [0.0] * n
+    sub, sub_idx = rows, torch.arange(n)  # only the rows of requests still training are run
     for step in range(steps):
         params = [x.clone().requires_grad_(True) for x in leaves]
-        tgt_logp, kl_logp = forward_logprobs(model, rows, None, layer=model.n_layers - 1,
-                                             extra=changes(params).writes(rows.request))
-        nll, kl = request_losses(rows, tgt_logp, kl_logp, kl_init, kl_factor)
-        if kl_init is None and kl_factor > 0:
+        tgt_logp, kl_logp = forward_logprobs(model, sub, None, layer=model.n_layers - 1,
+                                             extra=changes(params).writes(sub_idx[sub.request]))
+        kl_ref = kl_init[_kl_index(rows, sub_idx[sub.request[sub.kl_rows]])] if kl_init is not None else None
+        nll, kl = request_losses(sub, tgt_logp, kl_logp, kl_ref, kl_factor)
+        if kl_init is None and kl_factor > 0:  # the first step, on every row
             kl_init = kl_logp.detach()
-        loss = nll + kl + (penalty(params).to(nll.device) if penalty is not None else 0.0)
+        loss = nll + kl + (penalty(params).to(nll.device)[sub_idx.to(nll.device)] if penalty is not None else 0.0)
         logged, nll_now = loss.detach().cpu(), nll.detach().cpu()
-        for r in active.nonzero().flatten().tolist():
-            losses[r].append(float(logged[r]))
-            final_nll[r] = float(nll_now[r])
-        report_step("fine-tuning", step + 1, steps, float(logged[active].sum()), int(active.sum()))
-        active &= ~(nll_now < early_stop)
+        for i, r in enumerate(sub_idx.tolist()):
+            losses[r].append(float(logged[i]))
+            final_nll[r] = float(nll_now[i])
+        done = nll_now < early_stop
+        report_step("fine-tuning", step + 1, steps, float(logged.sum()), int((~done).sum()))
+        active[sub_idx[done]] = False
         if not bool(active.any()):
             break
-        grads = torch.autograd.grad(loss[active.to(loss.device)].sum(), params)
+        grads = torch.autograd.grad(loss[~done.to(loss.device)].sum(), params)
         with torch.no_grad():
             for x, g, adam in zip(leaves, grads, adams):
                 adam.step(x, g, active.to(x.device))
             if project is not None:
                 project(leaves, active)
+        if bool(done.any()):
+            sub_idx = active.nonzero().flatten()
+            sub = rows.select(sub_idx)
     return [{"loss": losses[r], "steps": len(losses[r]), "final_nll": [final_nll[r]]} for r in range(n)]
 
 
