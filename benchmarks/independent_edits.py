@@ -102,8 +102,8 @@ def main() -> None:
         return
     RESULTS.mkdir(exist_ok=True)
     rows = []
-    load = os.getloadavg()
     for name in args.methods:
+        load, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         b = run_child(name, "batched", args.n, args.stats_tokens)
         a = run_child(name, "one-by-one", args.subset, args.stats_tokens)
         row = {"method": name, "batched_n": b["n"], "one_by_one_n": a["n"],
@@ -113,20 +113,24 @@ def main() -> None:
                "rss_after_load_mib": b["rss_after_load_mib"],
                "batched_protocol": {k: v for k, v in b["protocol"].items() if k != "steps"},
                "agreement_on_subset": agreement(b, a, args.subset),
-               "after_batched": b["aggregate"], "after_one_by_one": a["aggregate"]}
+               "after_batched": b["aggregate"], "after_one_by_one": a["aggregate"], "n": args.n,
+               "subset": args.subset, "stats_tokens": args.stats_tokens, "started": started,
+               "machine": {"cpus": os.cpu_count(), "loadavg_at_start": load, "loadavg_now": os.getloadavg()}}
         rows.append(row)
         print(f"{name:12s} batched {row['batched_s_per_request']:.2f} s/req (n={b['n']}) vs one-by-one "
               f"{row['one_by_one_s_per_request']:.2f} s/req (n={a['n']}): {row['speedup']:.2f}x; peak RSS "
               f"{row['batched_peak_rss_mib']:.0f} vs {row['one_by_one_peak_rss_mib']:.0f} MiB; "
               f"max |Δ logprob| {row['agreement_on_subset']['max_abs_logprob']:.1e}", flush=True)
-        (RESULTS / "independent_edits.json").write_text(json.dumps({
-            "model": "SmolLM2-135M-Instruct (embedded)", "n": args.n, "subset": args.subset,
-            "stats_tokens": args.stats_tokens, "machine": {"cpus": os.cpu_count(), "loadavg_at_start": load,
-                                                          "loadavg_now": os.getloadavg()},
+        path = RESULTS / "independent_edits.json"  # rows of methods not run now are kept
+        kept = [r for r in json.loads(path.read_text())["rows"] if r["method"] not in {x["method"] for x in rows}] \
+            if path.exists() else []
+        path.write_text(json.dumps({
+            "model": "SmolLM2-135M-Instruct (embedded)",
             "note": ("batched: kv.evaluate_each(batched=True) on n requests; one-by-one: batched=False on the "
                      "first `subset` of them (each method's `batched_protocol` says how it ran, and any fallback). "
-                     "Ratios are per request, measured in one run."),
-            "rows": rows}, indent=1))
+                     "Ratios are per request, both modes of a row measured in one run (each row says when, its "
+                     "n, subset, statistics size and the machine's load); rows of methods not run are kept."),
+            "rows": kept + rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/keys_vs_values_independent.py --n 200 [--methods ...]
 
 Each of the first ``--n`` bundled facts (data/counterfact_mini.json) is edited alone from the
-unedited model, scored and undone (``kv.evaluate_each``), by: ROME and
-MEMIT (5k-token E[kkᵀ] statistics), FT keys / values / gates at the layer of the ROME preset
+unedited model, scored and undone (``kv.evaluate_each``), by: ROME,
+MEMIT and AlphaEdit (5k-token E[kkᵀ] statistics), FT keys / values / gates at the layer of the ROME preset
 (``--layer``, 8 on the embedded model) and at an early layer (``--early``, default 2), and LoRA
 keys / values / gates at ``--layer``. For each key-side method and its value-side twin, the
 key − value difference of every metric is estimated on the same requests with a paired bootstrap
@@ -37,6 +37,7 @@ def methods(layer: int, early: int) -> dict[str, tuple]:
     return {
         "ROME": (lambda: kv.ROME(stats_tokens=5000), "value"),
         "MEMIT": (lambda: kv.MEMIT(stats_tokens=5000), "value"),
+        "AlphaEdit": (lambda: kv.AlphaEdit(preset="smollm2-135m", stats_tokens=5000), "value"),
         "FT keys @L": (lambda: kv.KeyFT(layers=(layer,)), "key"),
         "FT values @L": (lambda: kv.ValueFT(layers=(layer,)), "value"),
         "FT gates @L": (lambda: kv.GateFT(layers=(layer,)), "gate"),
