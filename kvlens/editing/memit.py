@@ -106,11 +106,15 @@ class Targets:
     """
 
     requests: tuple[EditRequest, ...]
-    top: int
     z: torch.Tensor
     h: torch.Tensor
     log: dict[str, Any]
     made_with: dict[str, Any]
+
+    @property
+    def top(self) -> int:
+        """The layer L whose output the z are."""
+        return int(self.made_with["top"])
 
 
 def _made_with(model: KVModel, hp: MEMITHparams) -> dict[str, Any]:
@@ -171,7 +175,7 @@ class MEMIT(ReferenceOption, EditMethod):
         self.check(model, hp)
         rows = build_rows(model, reqs, context_templates(model, hp.contexts))
         z, h, log = target_vectors(model, rows, hp)
-        return Targets(reqs, hp.layers[-1], z, h, log, _made_with(model, hp))
+        return Targets(reqs, z, h, log, _made_with(model, hp))
 
     def compute_each(self, model: KVModel, requests: Sequence[EditRequest], *, batch_size: int = 32,
                      stats: Mapping[int, torch.Tensor] | None = None, corpus: Corpus | None = None,
