@@ -10,7 +10,11 @@ keys / values / gates at ``--layer``. For each key-side method and its value-sid
 key − value difference of every metric is estimated on the same requests with a paired bootstrap
 95 % CI (:func:`kvlens.experiments.paired_difference`). Results are written after every method
 (benchmarks/results/keys_vs_values_independent.{json,md}, the figure as Plotly JSON), so a run
-stopped early keeps what it measured; the files say how many requests each method saw.
+stopped early keeps what it measured; the files say how many requests each method saw. Each
+method's per-request results are kept in benchmarks/results/keys_vs_values_independent/<method>.json
+with the run's settings, so the table grows over several runs: a later run skips the methods already
+measured on the same facts and settings (``--redo`` measures them again) and the paired differences
+use the saved per-request values.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ import warnings
 from pathlib import Path
 
 import kvlens as kv
+from kvlens.evaluate import EditReport
 from kvlens.experiments import Comparison, paired_difference
+from kvlens.independent import IndependentReport
 from kvlens.views.eval_figures import comparison_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PER_METHOD = RESULTS / "keys_vs_values_independent"
 METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "Efficacy", "Paraphrase", "Specificity")
 PAIRS = (("FT keys @L", "FT values @L"), ("FT gates @L", "FT values @L"), ("FT keys @early", "FT values @early"),
          ("LoRA keys @L", "LoRA values @L"), ("LoRA gates @L", "LoRA values @L"))
@@ -49,6 +56,33 @@ def methods(layer: int, early: int) -> dict[str, tuple]:
     }
 
 
+def settings(args) -> dict:
+    """What a saved method's results depend on besides the method: a saved row is reused only if equal."""
+    return {"n": args.n, "layer": args.layer, "early": args.early}
+
+
+def saved_path(name: str) -> Path:
+    return PER_METHOD / (name.replace(" ", "_").replace("@", "at_") + ".json")
+
+
+def save(name: str, rep: IndependentReport, args, seconds: float) -> None:
+    PER_METHOD.mkdir(parents=True, exist_ok=True)
+    saved_path(name).write_text(json.dumps({
+        "settings": settings(args), "compute_seconds": seconds, "loadavg": os.getloadavg(),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "report": rep.to_dict()}))
+
+
+def load_saved(name: str, args, cases) -> tuple[IndependentReport, float] | None:
+    """The saved report of ``name`` on these cases and settings, or None."""
+    path = saved_path(name)
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    if d["settings"] != settings(args) or d["report"]["cases"] != [c.case_id for c in cases]:
+        return None
+    return IndependentReport.from_dict(d["report"], cases), float(d["compute_seconds"])
+
+
 def write(comp, args, seconds: dict[str, float], started: float) -> None:
     table = []
     for name, rep in comp.reports.items():
@@ -67,7 +101,7 @@ def write(comp, args, seconds: dict[str, float], started: float) -> None:
            "protocol": "independent (each request edited alone from the unedited model, scored, undone)",
            "unedited": {m: vars(base[m]) for m in METRICS if m in base}, "methods": table,
            "key_minus_value": diffs, "wall_seconds": time.perf_counter() - started,
-           "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "note": "shared machine, loaded"}}
+           "machine": {"cpus": os.cpu_count(), "loadavg_at_writing": os.getloadavg()}}
     (RESULTS / "keys_vs_values_independent.json").write_text(json.dumps(out, indent=1))
     lines = [f"# Keys vs values, independent edits, {args.n} bundled facts (embedded model)", "",
              "| method | side | n | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS),
@@ -82,8 +116,10 @@ def write(comp, args, seconds: dict[str, float], started: float) -> None:
         cells = [f"{d[m]['mean']:+.1f} [{d[m]['low']:+.1f}, {d[m]['high']:+.1f}]" if m in d else "" for m in METRICS]
         lines.append(f"| {d['key']} − {d['value']} | " + " | ".join(cells) + " |")
     lines += ["", (f"x100; CounterFact (S ES PS NS EM PM NM) and zsRE (Efficacy Paraphrase Specificity) "
-                   f"conventions. L = {args.layer} (the ROME preset's layer), early = {args.early}. Wall time so "
-                   f"far {out['wall_seconds']:.0f} s on a shared, loaded 2-core CPU.")]
+                   f"conventions. L = {args.layer} (the ROME preset's layer), early = {args.early}. Time to edit and "
+                   f"score all {args.n} facts, per method: "
+                   + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+                   + " (2-core CPU; each method's load average is in its file).")]
     (RESULTS / "keys_vs_values_independent.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "keys_vs_values_independent_figure.json").write_text(comparison_figure(comp).to_json())
 
@@ -94,6 +130,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=8)
     ap.add_argument("--early", type=int, default=2)
     ap.add_argument("--methods", nargs="*", default=None, help="names as in methods(); default all")
+    ap.add_argument("--redo", action="store_true", help="measure again methods already saved")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     RESULTS.mkdir(exist_ok=True)
@@ -103,17 +140,28 @@ def main() -> None:
         raise SystemExit(f"only {len(cases)} bundled facts; pass --n <= {len(cases)}")
     chosen = methods(args.layer, args.early)
     names = args.methods or list(chosen)
+    unknown = [n for n in names if n not in chosen]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(chosen)}")
     started = time.perf_counter()
-    baseline = kv.evaluate(model, cases)
+    baseline: EditReport = kv.evaluate(model, cases)
     reports, sides, seconds = {}, {}, {}
-    for name in names:
-        factory, sides[name] = chosen[name]
+    for name in chosen:  # the table's order; methods saved by earlier runs join it
+        saved = None if (args.redo and name in names) else load_saved(name, args, cases)
+        if saved is None and name not in names:
+            continue
+        sides[name] = chosen[name][1]
+        if saved is not None:
+            reports[name], seconds[name] = saved
+            print(f"{name}: saved ({seconds[name]:.0f} s)", flush=True)
+            continue
         t0 = time.perf_counter()
-        reports[name] = kv.evaluate_each(model, factory(), cases, baseline=baseline, label=name)
+        reports[name] = kv.evaluate_each(model, chosen[name][0](), cases, baseline=baseline, label=name)
         seconds[name] = time.perf_counter() - t0
-        comp = Comparison(baseline, reports, sides, seconds, "independent")
+        save(name, reports[name], args, seconds[name])
         print(f"{name}: {seconds[name]:.0f} s; S {reports[name].aggregate['after'].get('S')}", flush=True)
-        write(comp, args, seconds, started)
+        write(Comparison(baseline, reports, sides, seconds, "independent"), args, seconds, started)
+    write(Comparison(baseline, reports, sides, seconds, "independent"), args, seconds, started)
 
 if __name__ == "__main__":
     main()

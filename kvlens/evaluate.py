@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -310,6 +310,9 @@ def aggregate(rows: Sequence[dict[str, float]]) -> dict[str, Estimate]:
     return out
 
 
+_Report = TypeVar("_Report", bound="EditReport")
+
+
 @dataclass(frozen=True)
 class EditReport:
     """Metrics of a model on a set of cases, before and (optionally) after an edit.
@@ -373,6 +376,23 @@ class EditReport:
             "aggregate": {s: {k: vars(e) for k, e in a.items()} for s, a in self.aggregate.items()},
             "per_case": self.per_case, "conventions": CONVENTIONS,
         }
+
+    @classmethod
+    def from_dict(cls: type[_Report], d: dict[str, Any], cases: Sequence[EvalCase], **extra: Any) -> _Report:
+        """The report :meth:`to_dict` wrote, on ``cases`` (the same case ids in the same order).
+
+        The dict holds case ids, not cases, so the caller passes the cases (e.g. from
+        :func:`kvlens.datasets.load_bundled`); a mismatch is refused, naming the first difference.
+        """
+        ids = [c.case_id for c in cases]
+        if ids != list(d["cases"]):
+            first = next((i for i, (a, b) in enumerate(zip(ids, d["cases"], strict=False)) if a != b),
+                         min(len(ids), len(d["cases"])))
+            raise ValueError(f"the saved report is on {len(d['cases'])} cases and {len(ids)} were passed; they "
+                             f"differ first at position {first}: pass the cases the report was made on")
+        aggregate = {s: {k: Estimate(**e) for k, e in a.items()} for s, a in d["aggregate"].items()}
+        return cls(model=d["model"], method=d["method"], cases=tuple(cases), per_case=d["per_case"],
+                   aggregate=aggregate, seconds=float(d.get("seconds", 0.0)), **extra)
 
 
 def _applied(delta: Any, model: KVModel) -> contextlib.AbstractContextManager:

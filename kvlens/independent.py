@@ -82,6 +82,10 @@ class IndependentReport(EditReport):
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "protocol": self.protocol}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], cases: Sequence[EvalCase], **extra: Any) -> IndependentReport:
+        return super().from_dict(d, cases, protocol=d.get("protocol", {}), **extra)
+
 
 def request_bytes(model: KVModel, hp: Any, width: int) -> int:
     """A rough upper estimate of one request's memory in a batch of independent edits.

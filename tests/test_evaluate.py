@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from conftest import tiny
 
 from kvlens.datasets import EvalCase, load_bundled
 from kvlens.evaluate import EditReport, evaluate, score_targets
+from kvlens.experiments import paired_difference
 
 
 def _case(i=0, **kw):
@@ -72,6 +74,14 @@ def test_report_with_delta_restores_weights_and_reuses_baseline():
     rows = {r["metric"]: r for r in report.table()}
     assert set(rows["S"]) >= {"before", "after", "convention"}
     assert "counterfact" in report.summary() and report.to_dict()["method"] == "shift"
+    saved = json.loads(json.dumps(report.to_dict()))
+    back = EditReport.from_dict(saved, cases)
+    assert back.per_case == report.per_case and back.aggregate == report.aggregate and back.cases == tuple(cases)
+    assert paired_difference(back, report, "S") == paired_difference(report, report, "S")
+    with pytest.raises(ValueError, match="differ first at position 0"):
+        EditReport.from_dict(saved, cases[::-1])
+    with pytest.raises(ValueError, match="on 2 cases and 1 were passed"):
+        EditReport.from_dict(saved, cases[:1])
 
 
 def test_generation_metrics_on_tiny_model():

@@ -5,6 +5,7 @@ Also: reference parity (one update fewer, grouped key averages), per-row writes,
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -34,7 +35,7 @@ from kvlens.editing.hparams import reference_hparams
 from kvlens.editing.per_row import stack_changes
 from kvlens.evaluate import score_state
 from kvlens.experiments import compare_methods, paired_difference
-from kvlens.independent import _score_applied, _score_rows, evaluate_each
+from kvlens.independent import IndependentReport, _score_applied, _score_rows, evaluate_each
 from kvlens.models.kvmodel import Site
 
 CTX = Contexts(n=1, tokens=2)
@@ -341,6 +342,8 @@ def test_bad_input_fails_before_work_and_budget_chooses_the_batch_size():
         rep = evaluate_each(model, method, cases(3), batch_size=3, memory_budget=1, stats=stats(model, [1]))
     assert rep.protocol["batch_size"] == 1 and len(rep.per_case["after"]) == 3
     assert "independent edits" in rep.summary() and rep.to_dict()["protocol"]["batch_size"] == 1
+    back = IndependentReport.from_dict(json.loads(json.dumps(rep.to_dict())), cases(3))
+    assert back.protocol == json.loads(json.dumps(rep.protocol)) and back.aggregate == rep.aggregate
     with pytest.raises(ValueError, match="generation"):
         compare_methods(model, cases(), {"ROME": lambda: method}, mode="independent")
     with pytest.raises(ValueError, match="mode must be"):
