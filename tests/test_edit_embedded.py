@@ -25,7 +25,7 @@ CONTROL = EditRequest("{} is", "The capital of France", "Paris")
 def stats(embedded):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # low-sample mode, on purpose
-        return second_moments(embedded, [4, 5, 6, 7, 8], n_tokens=3000, cache=False, progress=False)
+        return second_moments(embedded, [2, 3, 4, 5, 6, 7, 8], n_tokens=3000, cache=False, progress=False)
 
 
 @pytest.fixture(scope="module")

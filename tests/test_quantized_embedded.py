@@ -35,7 +35,7 @@ def m4():
 def stats(m4):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # low-sample mode, on purpose
-        return second_moments(m4, [4, 5, 6, 7, 8], n_tokens=3000, cache=False, progress=False)
+        return second_moments(m4, [2, 3, 4, 5, 6, 7, 8], n_tokens=3000, cache=False, progress=False)
 
 
 @pytest.fixture(scope="module")
