@@ -94,3 +94,22 @@ def test_memit_z_stage_resuming_from_the_subject_equals_full_forwards(embedded):
     for i in range(len(reqs)):
         nll, norm = log["curves"]["nll"][i], log["curves"]["norm"][i]
         assert nll[-1] < nll[0] and max(norm) <= log["max_norm"][i] * (1 + 1e-5)
+
+
+def test_memit_targets_reused_for_another_lambda_and_range_on_embedded(embedded, stats, before):
+    """The sweep's path on the real model: z made once, then λ and the lower layers changed."""
+    from dataclasses import replace
+
+    preset = MEMIT().hparams_for(embedded)
+    reqs = [REQ, EditRequest("The capital of {} is", "France", "Berlin", "Paris")]
+    targets = MEMIT(preset).targets(embedded, reqs)
+    assert unchanged(embedded, before["weights"])
+    for other in (replace(preset, lam=4 * preset.lam), replace(preset, layers=(6, 7, 8))):
+        fresh = MEMIT(other).compute(embedded, reqs, stats=stats, report=False)
+        reused = MEMIT(other).compute(embedded, reqs, stats=stats, report=False, targets=targets)
+        assert fresh.parts.keys() == reused.parts.keys()
+        for key in fresh.parts:
+            torch.testing.assert_close(reused.parts[key].dense(), fresh.parts[key].dense(), rtol=1e-4, atol=1e-6)
+    with reused.applied(embedded):
+        assert target_report(embedded, [REQ])[0]["top1"] == " Rome"
+    assert unchanged(embedded, before["weights"])
