@@ -4,7 +4,7 @@
 
 Two disjoint sets of ``--n`` bundled facts are drawn with a seeded permutation: a *tuning* set, on
 which every configuration is scored, and a *held-out* set, scored once with the chosen
-configuration and with the old preset (so the choice is never judged on the set it was made
+configuration and with the preset in force when it runs (the recorded run: λ 2000, layers 4-8; the choice is never judged on the set it was made
 on). Each set is edited all at once (one MEMIT edit of ``--n`` requests) from the unedited model.
 
 Neighbourhood prompts that name a subject edited in the same set are dropped from that case
