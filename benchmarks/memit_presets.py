@@ -4,8 +4,9 @@
 
 Two disjoint sets of ``--n`` bundled facts are drawn with a seeded permutation: a *tuning* set, on
 which every configuration is scored, and a *held-out* set, scored once with the chosen
-configuration and with the preset in force when it runs (the recorded run: λ 2000, layers 4-8; the choice is never judged on the set it was made
-on). Each set is edited all at once (one MEMIT edit of ``--n`` requests) from the unedited model.
+configuration and with the preset in force when it runs (in the recorded run λ 2000, layers
+4-8), so the choice is never judged on the set it was made on. Each set is edited all at once
+(one MEMIT edit of ``--n`` requests) from the unedited model.
 
 Neighbourhood prompts that name a subject edited in the same set are dropped from that case
 (in the bundled data same-relation facts are each other's neighbours: edited together, a prompt
