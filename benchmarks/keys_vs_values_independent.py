@@ -9,11 +9,12 @@ MEMIT and AlphaEdit (5k-token E[kkᵀ] statistics), FT keys / values / gates at 
 keys / values / gates at ``--layer``. For each key-side method and its value-side twin, the
 key − value difference of every metric is estimated on the same requests with a paired bootstrap
 95 % CI (:func:`kvlens.experiments.paired_difference`). Results are written after every method
-(benchmarks/results/keys_vs_values_independent.{json,md}, the figure as Plotly JSON), so a run
-stopped early keeps what it measured; the files say how many requests each method saw. Each
-method's per-request results are kept in benchmarks/results/keys_vs_values_independent/<method>.json
-with the run's settings, so the table grows over several runs: a later run skips the methods already
-measured on the same facts and settings (``--redo`` measures them again) and the paired differences
+(benchmarks/results/keys_vs_values_independent.{json,md}, and as Plotly JSON the figures of the
+methods' metrics and of the key − value differences), so a run stopped early keeps what it
+measured; the files say how many requests each method saw. Each method's per-request results
+are kept in benchmarks/results/keys_vs_values_independent/<method>.json with the run's settings,
+so the table grows over several runs: a later run skips the methods already measured on the
+same facts and settings (``--redo`` measures them again) and the paired differences
 use the saved per-request values.
 """
 
@@ -30,7 +31,8 @@ import kvlens as kv
 from kvlens.evaluate import EditReport
 from kvlens.experiments import Comparison, paired_difference
 from kvlens.independent import IndependentReport
-from kvlens.views.eval_figures import comparison_figure
+from kvlens.metrics import Estimate
+from kvlens.views.eval_figures import comparison_figure, difference_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PER_METHOD = RESULTS / "keys_vs_values_independent"
@@ -122,6 +124,11 @@ def write(comp, args, seconds: dict[str, float], started: float) -> None:
                    + " (2-core CPU; each method's load average is in its file).")]
     (RESULTS / "keys_vs_values_independent.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "keys_vs_values_independent_figure.json").write_text(comparison_figure(comp).to_json())
+    if diffs:
+        shown = ("S", "ES", "PS", "NS")
+        fig = difference_figure({f"{d['key']} − {d['value']}": {m: Estimate(**d[m]) for m in shown if m in d}
+                                 for d in diffs}, title=f"key − value on the same {args.n} requests, independent edits")
+        (RESULTS / "keys_vs_values_independent_differences.json").write_text(fig.to_json())
 
 
 def main() -> None:

@@ -54,3 +54,21 @@ def test_case_shift(reports):
     assert list(fig.data[1].x) == [row["EM"] for row in small.per_case["before"]]
     with pytest.raises(ValueError, match="not in every case"):
         F.case_shift(small, "GE")
+
+
+def test_difference_figure_draws_each_pair_with_its_interval():
+    from kvlens.metrics import Estimate
+
+    diffs = {"FT keys − FT values": {"S": Estimate(-4.0, -9.5, 1.0, 200, "counterfact", "paired bootstrap"),
+                                     "NS": Estimate(-8.0, -12.0, -3.5, 200, "counterfact", "paired bootstrap")},
+             "LoRA keys − LoRA values": {"NS": Estimate(2.0, -1.0, 5.0, 200, "counterfact", "paired bootstrap")}}
+    fig = F.difference_figure(diffs)
+    first, second = fig.data
+    assert list(first.y) == ["S", "NS"] and list(first.x) == [-4.0, -8.0]
+    assert list(first.error_x.array) == [5.0, 4.5] and list(first.error_x.arrayminus) == [5.5, 4.0]
+    assert list(second.x) == [None, 2.0] and "n/a" in second.hovertext[0] and "+2.0 [-1.0, +5.0]" in second.hovertext[1]
+    assert fig.layout.shapes[0].x0 == 0  # the zero line
+    with pytest.raises(ValueError, match="no differences"):
+        F.difference_figure({})
+    with pytest.raises(ValueError, match="no differences"):
+        F.difference_figure({"a − b": {}})

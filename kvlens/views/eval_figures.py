@@ -5,7 +5,8 @@
 * :func:`scaling_curve` — a metric against the number of edits, per method, the unedited
   baseline dotted (MEMIT Fig. 5 style);
 * :func:`case_shift` — per-case before vs after of one metric (which requests moved);
-* :func:`comparison_figure` / :func:`scaling_figure` — the figures of :mod:`kvlens.experiments` results.
+* :func:`comparison_figure` / :func:`scaling_figure` — the figures of :mod:`kvlens.experiments` results;
+* :func:`difference_figure` — paired differences (e.g. key − value on the same requests) with CIs.
 
 Every axis or legend names the metric's convention (counterfact / zsre / easyedit / generation).
 """
@@ -188,4 +189,36 @@ def scaling_figure(result: Scaling, metric: str = "ES") -> go.Figure:
     """The scaling curve of a :class:`~kvlens.experiments.Scaling` result, baseline dotted."""
     fig = scaling_curve(result.points, metric, baseline=result.baseline)
     fig.update_layout(title=f"{metric} against the number of {result.mode} edits")
+    return fig
+
+
+def _signed(e: Estimate) -> str:
+    return f"{e.mean:+.1f} [{e.low:+.1f}, {e.high:+.1f}] (n={e.n}, {e.method})"
+
+
+def difference_figure(differences: Mapping[str, Mapping[str, Estimate]], title: str = "key − value, same requests",
+                      ) -> go.Figure:
+    """Paired differences with their 95 % CIs, a marker per metric, one series per pair, zero marked.
+
+    ``differences``: ``{pair name: {metric: Estimate}}``, e.g. from
+    :func:`kvlens.experiments.paired_difference` (points x100). An interval that excludes 0 is a
+    difference the sample decides; one that spans 0 is not.
+    """
+    if not differences or not any(differences.values()):
+        raise ValueError("no differences to plot: pass {pair name: {metric: Estimate}}, "
+                         "e.g. from kvlens.experiments.paired_difference")
+    metrics = list(dict.fromkeys(m for d in differences.values() for m in d))
+    traces = []
+    for name, d in differences.items():
+        est = [d.get(m) for m in metrics]
+        traces.append(go.Scatter(
+            name=name, y=metrics, x=[None if e is None else e.mean for e in est], mode="markers",
+            error_x=dict(type="data", symmetric=False, array=[0 if e is None else e.high - e.mean for e in est],
+                         arrayminus=[0 if e is None else e.mean - e.low for e in est]),
+            hovertext=[f"{name}<br>{m}: " + ("n/a" if e is None else _signed(e)) for m, e in zip(metrics, est)],
+            hoverinfo="text"))
+    fig = go.Figure(traces)
+    fig.add_vline(x=0, line_dash="dot", line_color="grey")
+    fig.update_layout(title=title, xaxis_title="difference (points x100, paired bootstrap 95% CI)",
+                      yaxis=dict(autorange="reversed"), legend_title="pair", scattermode="group")
     return fig
