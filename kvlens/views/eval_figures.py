@@ -220,5 +220,6 @@ def difference_figure(differences: Mapping[str, Mapping[str, Estimate]], title: 
     fig = go.Figure(traces)
     fig.add_vline(x=0, line_dash="dot", line_color="grey")
     fig.update_layout(title=title, xaxis_title="difference (points x100, paired bootstrap 95% CI)",
-                      yaxis=dict(autorange="reversed"), legend_title="pair", scattermode="group")
+                      yaxis=dict(autorange="reversed"), legend_title="pair", scattermode="group",
+                      height=max(320, 160 + 60 * len(metrics)))
     return fig
