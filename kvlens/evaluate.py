@@ -20,6 +20,7 @@ import torch
 
 from kvlens import tracing
 from kvlens.datasets import EvalCase, as_cases
+from kvlens.errors import BadInput
 from kvlens.metrics import (
     CONVENTIONS,
     Estimate,
@@ -388,7 +389,7 @@ class EditReport:
         if ids != list(d["cases"]):
             first = next((i for i, (a, b) in enumerate(zip(ids, d["cases"], strict=False)) if a != b),
                          min(len(ids), len(d["cases"])))
-            raise ValueError(f"the saved report is on {len(d['cases'])} cases and {len(ids)} were passed; they "
+            raise BadInput(f"the saved report is on {len(d['cases'])} cases and {len(ids)} were passed; they "
                              f"differ first at position {first}: pass the cases the report was made on")
         aggregate = {s: {k: Estimate(**e) for k, e in a.items()} for s, a in d["aggregate"].items()}
         return cls(model=d["model"], method=d["method"], cases=tuple(cases), per_case=d["per_case"],

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny
 
 from kvlens.datasets import EvalCase, load_bundled
+from kvlens.errors import KVLensError
 from kvlens.evaluate import EditReport, evaluate, score_targets
 from kvlens.experiments import paired_difference
 
@@ -78,7 +79,7 @@ def test_report_with_delta_restores_weights_and_reuses_baseline():
     back = EditReport.from_dict(saved, cases)
     assert back.per_case == report.per_case and back.aggregate == report.aggregate and back.cases == tuple(cases)
     assert paired_difference(back, report, "S") == paired_difference(report, report, "S")
-    with pytest.raises(ValueError, match="differ first at position 0"):
+    with pytest.raises(KVLensError, match="differ first at position 0"):
         EditReport.from_dict(saved, cases[::-1])
     with pytest.raises(ValueError, match="on 2 cases and 1 were passed"):
         EditReport.from_dict(saved, cases[:1])

@@ -8,6 +8,7 @@ from conftest import tiny
 from test_evaluate import ShiftDelta
 
 from kvlens.datasets import EvalCase
+from kvlens.errors import KVLensError
 from kvlens.evaluate import evaluate
 from kvlens.views import eval_figures as F
 
@@ -68,7 +69,7 @@ def test_difference_figure_draws_each_pair_with_its_interval():
     assert list(first.error_x.array) == [5.0, 4.5] and list(first.error_x.arrayminus) == [5.5, 4.0]
     assert list(second.x) == [None, 2.0] and "n/a" in second.hovertext[0] and "+2.0 [-1.0, +5.0]" in second.hovertext[1]
     assert fig.layout.shapes[0].x0 == 0  # the zero line
-    with pytest.raises(ValueError, match="no differences"):
+    with pytest.raises(KVLensError, match="no differences"):
         F.difference_figure({})
-    with pytest.raises(ValueError, match="no differences"):
+    with pytest.raises(KVLensError, match="no differences"):
         F.difference_figure({"a − b": {}})

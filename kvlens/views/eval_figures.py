@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 
+from kvlens.errors import BadInput
 from kvlens.evaluate import AGGREGATES, EditReport
 from kvlens.metrics import Estimate
 
@@ -205,7 +206,7 @@ def difference_figure(differences: Mapping[str, Mapping[str, Estimate]], title: 
     difference the sample decides; one that spans 0 is not.
     """
     if not differences or not any(differences.values()):
-        raise ValueError("no differences to plot: pass {pair name: {metric: Estimate}}, "
+        raise BadInput("no differences to plot: pass {pair name: {metric: Estimate}}, "
                          "e.g. from kvlens.experiments.paired_difference")
     metrics = list(dict.fromkeys(m for d in differences.values() for m in d))
     traces = []
