@@ -12,9 +12,10 @@ key − value difference of every metric is estimated on the same requests with 
 (benchmarks/results/keys_vs_values_independent.{json,md}, and as Plotly JSON the figures of the
 methods' metrics and of the key − value differences), so a run stopped early keeps what it
 measured; the files say how many requests each method saw. Each method's per-request results
-are kept in benchmarks/results/keys_vs_values_independent/<method>.json with the run's settings,
-so the table grows over several runs: a later run skips the methods already measured on the
-same facts and settings (``--redo`` measures them again) and the paired differences
+are kept in benchmarks/results/keys_vs_values_independent/<method>.json with the run's settings
+and the method's hyperparameters, so the table grows over several runs: a later run skips the
+methods already measured on the same facts, settings and hyperparameters (``--redo`` measures
+them again) and the paired differences
 use the saved per-request values.
 """
 
@@ -31,7 +32,6 @@ import kvlens as kv
 from kvlens.evaluate import EditReport
 from kvlens.experiments import Comparison, paired_difference
 from kvlens.independent import IndependentReport
-from kvlens.metrics import Estimate
 from kvlens.views.eval_figures import comparison_figure, difference_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,51 +58,49 @@ def methods(layer: int, early: int) -> dict[str, tuple]:
     }
 
 
-def settings(args) -> dict:
-    """What a saved method's results depend on besides the method: a saved row is reused only if equal."""
-    return {"n": args.n, "layer": args.layer, "early": args.early}
+def settings(args, hparams: dict) -> dict:
+    """What a saved method's results depend on: a saved row is reused only if these are equal."""
+    return {"n": args.n, "layer": args.layer, "early": args.early, "hparams": json.loads(json.dumps(hparams))}
 
 
 def saved_path(name: str) -> Path:
     return PER_METHOD / (name.replace(" ", "_").replace("@", "at_") + ".json")
 
 
-def save(name: str, rep: IndependentReport, args, seconds: float) -> None:
+def save(name: str, rep: IndependentReport, args, hparams: dict, seconds: float) -> None:
     PER_METHOD.mkdir(parents=True, exist_ok=True)
     saved_path(name).write_text(json.dumps({
-        "settings": settings(args), "compute_seconds": seconds, "loadavg": os.getloadavg(),
+        "settings": settings(args, hparams), "compute_seconds": seconds, "loadavg": os.getloadavg(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "report": rep.to_dict()}))
 
 
-def load_saved(name: str, args, cases) -> tuple[IndependentReport, float] | None:
-    """The saved report of ``name`` on these cases and settings, or None."""
+def load_saved(name: str, args, hparams: dict, cases) -> tuple[IndependentReport, float] | None:
+    """The saved report of ``name`` on these cases, settings and hyperparameters, or None."""
     path = saved_path(name)
     if not path.exists():
         return None
     d = json.loads(path.read_text())
-    if d["settings"] != settings(args) or d["report"]["cases"] != [c.case_id for c in cases]:
+    if d["settings"] != settings(args, hparams) or d["report"]["cases"] != [c.case_id for c in cases]:
         return None
     return IndependentReport.from_dict(d["report"], cases), float(d["compute_seconds"])
 
 
-def write(comp, args, seconds: dict[str, float], started: float) -> None:
+def write(comp, args, seconds: dict[str, float]) -> None:
     table = []
     for name, rep in comp.reports.items():
         agg = rep.aggregate["after"]
         table.append({"method": name, "side": comp.sides.get(name, ""), "n": len(rep.cases),
                       **{m: vars(agg[m]) for m in METRICS if m in agg}, "seconds": seconds[name],
                       "protocol": {k: v for k, v in rep.protocol.items() if k != "steps"}})
-    diffs = []
-    for key, value in PAIRS:
-        if key in comp.reports and value in comp.reports:
-            diffs.append({"key": key, "value": value, **{
-                m: vars(paired_difference(comp.reports[key], comp.reports[value], m))
-                for m in METRICS if m in comp.reports[key].aggregate["after"]}})
+    estimates = {(key, value): {m: paired_difference(comp.reports[key], comp.reports[value], m)
+                                for m in METRICS if m in comp.reports[key].aggregate["after"]}
+                 for key, value in PAIRS if key in comp.reports and value in comp.reports}
+    diffs = [{"key": k, "value": v, **{m: vars(e) for m, e in est.items()}} for (k, v), est in estimates.items()]
     base = comp.baseline.aggregate["current"]
     out = {"model": "SmolLM2-135M-Instruct (embedded)", "n": args.n, "layer": args.layer, "early": args.early,
            "protocol": "independent (each request edited alone from the unedited model, scored, undone)",
            "unedited": {m: vars(base[m]) for m in METRICS if m in base}, "methods": table,
-           "key_minus_value": diffs, "wall_seconds": time.perf_counter() - started,
+           "key_minus_value": diffs, "seconds": seconds,
            "machine": {"cpus": os.cpu_count(), "loadavg_at_writing": os.getloadavg()}}
     (RESULTS / "keys_vs_values_independent.json").write_text(json.dumps(out, indent=1))
     lines = [f"# Keys vs values, independent edits, {args.n} bundled facts (embedded model)", "",
@@ -124,10 +122,11 @@ def write(comp, args, seconds: dict[str, float], started: float) -> None:
                    + " (2-core CPU; each method's load average is in its file).")]
     (RESULTS / "keys_vs_values_independent.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "keys_vs_values_independent_figure.json").write_text(comparison_figure(comp).to_json())
-    if diffs:
+    if estimates:
         shown = ("S", "ES", "PS", "NS")
-        fig = difference_figure({f"{d['key']} − {d['value']}": {m: Estimate(**d[m]) for m in shown if m in d}
-                                 for d in diffs}, title=f"key − value on the same {args.n} requests, independent edits")
+        fig = difference_figure({f"{k} − {v}": {m: est[m] for m in shown if m in est}
+                                 for (k, v), est in estimates.items()},
+                                title=f"key − value on the same {args.n} requests, independent edits")
         (RESULTS / "keys_vs_values_independent_differences.json").write_text(fig.to_json())
 
 
@@ -150,11 +149,11 @@ def main() -> None:
     unknown = [n for n in names if n not in chosen]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(chosen)}")
-    started = time.perf_counter()
     baseline: EditReport = kv.evaluate(model, cases)
     reports, sides, seconds = {}, {}, {}
     for name in chosen:  # the table's order; methods saved by earlier runs join it
-        saved = None if (args.redo and name in names) else load_saved(name, args, cases)
+        hparams = chosen[name][0]().hparams_for(model).to_dict()
+        saved = None if (args.redo and name in names) else load_saved(name, args, hparams, cases)
         if saved is None and name not in names:
             continue
         sides[name] = chosen[name][1]
@@ -165,10 +164,10 @@ def main() -> None:
         t0 = time.perf_counter()
         reports[name] = kv.evaluate_each(model, chosen[name][0](), cases, baseline=baseline, label=name)
         seconds[name] = time.perf_counter() - t0
-        save(name, reports[name], args, seconds[name])
+        save(name, reports[name], args, hparams, seconds[name])
         print(f"{name}: {seconds[name]:.0f} s; S {reports[name].aggregate['after'].get('S')}", flush=True)
-        write(Comparison(baseline, reports, sides, seconds, "independent"), args, seconds, started)
-    write(Comparison(baseline, reports, sides, seconds, "independent"), args, seconds, started)
+        write(Comparison(baseline, reports, sides, seconds, "independent"), args, seconds)
+    write(Comparison(baseline, reports, sides, seconds, "independent"), args, seconds)
 
 if __name__ == "__main__":
     main()
