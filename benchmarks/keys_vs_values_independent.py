@@ -85,7 +85,8 @@ def load_saved(name: str, args, hparams: dict, cases) -> tuple[IndependentReport
     return IndependentReport.from_dict(d["report"], cases), float(d["compute_seconds"])
 
 
-def write(comp, args, seconds: dict[str, float]) -> None:
+def write(comp: Comparison, args) -> None:
+    seconds = comp.compute_seconds
     table = []
     for name, rep in comp.reports.items():
         agg = rep.aggregate["after"]
@@ -150,24 +151,32 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(chosen)}")
     baseline: EditReport = kv.evaluate(model, cases)
-    reports, sides, seconds = {}, {}, {}
-    for name in chosen:  # the table's order; methods saved by earlier runs join it
-        hparams = chosen[name][0]().hparams_for(model).to_dict()
-        saved = None if (args.redo and name in names) else load_saved(name, args, hparams, cases)
-        if saved is None and name not in names:
-            continue
-        sides[name] = chosen[name][1]
+    reports: dict[str, IndependentReport] = {}
+    seconds: dict[str, float] = {}
+    hparams = {name: factory().hparams_for(model).to_dict() for name, (factory, _) in chosen.items()}
+    for name in chosen:  # methods saved by earlier runs join the table
+        saved = None if (args.redo and name in names) else load_saved(name, args, hparams[name], cases)
         if saved is not None:
             reports[name], seconds[name] = saved
             print(f"{name}: saved ({seconds[name]:.0f} s)", flush=True)
+    for name in names:  # the others are measured in the order asked for
+        if name in reports:
             continue
         t0 = time.perf_counter()
         reports[name] = kv.evaluate_each(model, chosen[name][0](), cases, baseline=baseline, label=name)
         seconds[name] = time.perf_counter() - t0
-        save(name, reports[name], args, hparams, seconds[name])
+        save(name, reports[name], args, hparams[name], seconds[name])
         print(f"{name}: {seconds[name]:.0f} s; S {reports[name].aggregate['after'].get('S')}", flush=True)
-        write(Comparison(baseline, reports, sides, seconds, "independent"), args, seconds)
-    write(Comparison(baseline, reports, sides, seconds, "independent"), args, seconds)
+        write(in_table_order(baseline, reports, chosen, seconds), args)
+    write(in_table_order(baseline, reports, chosen, seconds), args)
+
+
+def in_table_order(baseline: EditReport, reports: dict, chosen: dict, seconds: dict[str, float]) -> Comparison:
+    """The comparison of the methods measured so far, in methods()' order whatever order they ran in."""
+    names = [n for n in chosen if n in reports]
+    return Comparison(baseline, {n: reports[n] for n in names}, {n: chosen[n][1] for n in names},
+                      {n: seconds[n] for n in names}, "independent")
+
 
 if __name__ == "__main__":
     main()

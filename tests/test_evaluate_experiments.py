@@ -35,6 +35,8 @@ def test_compare_methods_shares_the_baseline_and_leaves_model_unchanged():
     assert rows[0]["Fluency"] is not None and "Specificity" in comp.summary()
     fig = F.comparison_figure(comp)
     assert [t.name for t in fig.data] == ["unedited", "FT keys (key)", "FT values (value)"]
+    assert fig.layout.xaxis.title.text == ("Score = S, Efficacy = ES, Generalization = PS, Specificity = NS "
+                                           "(counterfact convention)")
 
 
 def test_scaling_grid_and_sequential_mode():

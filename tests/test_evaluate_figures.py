@@ -69,6 +69,8 @@ def test_difference_figure_draws_each_pair_with_its_interval():
     assert list(first.error_x.array) == [5.0, 4.5] and list(first.error_x.arrayminus) == [5.5, 4.0]
     assert list(second.x) == [None, 2.0] and "n/a" in second.hovertext[0] and "+2.0 [-1.0, +5.0]" in second.hovertext[1]
     assert fig.layout.shapes[0].x0 == 0  # the zero line
+    # the pairs' markers of one metric sit side by side, not on one another
+    assert fig.layout.scattermode == "group" and {t.orientation for t in fig.data} == {"h"}
     with pytest.raises(KVLensError, match="no differences"):
         F.difference_figure({})
     with pytest.raises(KVLensError, match="no differences"):

@@ -68,14 +68,19 @@ def _bar(name: str, estimates: Sequence[Estimate | None], metrics: Sequence[str]
                   error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus), **kw)
 
 
-def _conventions(reports: Sequence[EditReport], metrics: Sequence[str]) -> str:
+def _convention_of(reports: Sequence[EditReport], metrics: Sequence[str]) -> dict[str, str]:
+    """metric -> the convention its estimates were computed under, for the metrics the reports have."""
     seen: dict[str, str] = {}
     for r in reports:
         for state in r.aggregate.values():
             for m in metrics:
                 if m in state:
                     seen.setdefault(m, state[m].convention)
-    return ", ".join(f"{m}: {c}" for m, c in seen.items())
+    return seen
+
+
+def _conventions(reports: Sequence[EditReport], metrics: Sequence[str]) -> str:
+    return ", ".join(f"{m}: {c}" for m, c in _convention_of(reports, metrics).items())
 
 
 def _check_metrics(metrics: Sequence[str]) -> None:
@@ -181,7 +186,11 @@ def comparison_figure(comparison: Comparison, columns: Sequence[str] = ("Score",
     names = {f"{n} ({comparison.sides[n]})" if comparison.sides.get(n) else n: r
              for n, r in comparison.reports.items()}
     fig = method_comparison(names, [COLUMNS[c] for c in columns], baseline=comparison.baseline)
-    fig.update_xaxes(ticktext=list(columns), tickvals=[COLUMNS[c] for c in columns])
+    conv = _convention_of([comparison.baseline, *comparison.reports.values()], [COLUMNS[c] for c in columns])
+    one = set(conv.values()) if len(set(conv.values())) == 1 else None  # one convention: named once
+    named = [f"{c} = {COLUMNS[c]}" + ("" if one else f" ({conv.get(COLUMNS[c], 'n/a')})") for c in columns]
+    fig.update_xaxes(ticktext=list(columns), tickvals=[COLUMNS[c] for c in columns],
+                     title=", ".join(named) + (f" ({one.pop()} convention)" if one else ""))
     fig.update_layout(title=f"Keys vs values: {len(comparison.baseline.cases)} requests, {comparison.mode} edits")
     return fig
 
@@ -213,7 +222,7 @@ def difference_figure(differences: Mapping[str, Mapping[str, Estimate]], title: 
     for name, d in differences.items():
         est = [d.get(m) for m in metrics]
         traces.append(go.Scatter(
-            name=name, y=metrics, x=[None if e is None else e.mean for e in est], mode="markers",
+            name=name, y=metrics, x=[None if e is None else e.mean for e in est], mode="markers", orientation="h",
             error_x=dict(type="data", symmetric=False, array=[0 if e is None else e.high - e.mean for e in est],
                          arrayminus=[0 if e is None else e.mean - e.low for e in est]),
             hovertext=[f"{name}<br>{m}: " + ("n/a" if e is None else _signed(e)) for m, e in zip(metrics, est)],
