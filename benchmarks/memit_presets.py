@@ -36,7 +36,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 import kvlens as kv
-from kvlens.datasets import EvalCase
+from kvlens.datasets import EvalCase, without_edited_neighbours
 from kvlens.editing.hparams import MEMIT_PRESETS
 from kvlens.independent import requests_of
 
@@ -45,7 +45,9 @@ METRICS = ("S", "ES", "PS", "NS", "Efficacy", "Specificity")
 
 
 def draw_sets(cases: list[EvalCase], n: int, seed: int, min_neighbours: int) -> tuple[list[EvalCase], ...]:
-    """Two disjoint sets of ``n`` cases, neighbour prompts naming an edited subject dropped."""
+    """Two disjoint sets of ``n`` cases, neighbour prompts naming an edited subject dropped
+    (:func:`kvlens.datasets.without_edited_neighbours`); a case joins a set only if every case of
+    the set keeps at least ``min_neighbours`` neighbour prompts."""
     order = np.random.default_rng(seed).permutation(len(cases))
     sets: list[list[EvalCase]] = []
     pool = [cases[i] for i in order]
@@ -54,16 +56,9 @@ def draw_sets(cases: list[EvalCase], n: int, seed: int, min_neighbours: int) -> 
         for case in pool:
             if len(chosen) == n:
                 break
-            subjects = {c.subject for c in chosen} | {case.subject}
-            kept = [p for p in case.neighborhood_prompts if not any(s in p for s in subjects)]
-            # a new subject must not be a chosen case's neighbour left below the minimum either
-            if len(kept) < min_neighbours or any(
-                    sum(case.subject not in p for p in c.neighborhood_prompts) < min_neighbours
-                    for c in chosen):
-                continue
-            chosen.append(replace(case, neighborhood_prompts=tuple(kept)))
-            chosen = [replace(c, neighborhood_prompts=tuple(p for p in c.neighborhood_prompts
-                                                            if case.subject not in p)) for c in chosen]
+            trial = without_edited_neighbours([*chosen, case])
+            if min(len(c.neighborhood_prompts) for c in trial) >= min_neighbours:
+                chosen = trial
         if len(chosen) < n:
             raise SystemExit(f"only {len(chosen)} cases fit; lower --n or --min-neighbours")
         sets.append(chosen)

@@ -12,13 +12,14 @@ baseline. Methods are built by factories so each experiment starts from fresh hy
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
-from kvlens.datasets import EvalCase, as_cases
+from kvlens.datasets import EvalCase, as_cases, count_edited_neighbours
 from kvlens.editing import MEMIT, ROME, EditRequest, KeyFT, LoRAKeys, LoRAValues, ValueFT
 from kvlens.editing.base import EditMethod, sequentially
 from kvlens.editing.delta import WeightDelta
@@ -51,6 +52,16 @@ def _methods(methods: Sequence[str] | Mapping[str, Any] | None) -> dict[str, tup
         raise KeyError(f"unknown methods {unknown}; choose from {list(KEY_VALUE_METHODS)} or pass "
                        f"{{name: factory}}")
     return {m: KEY_VALUE_METHODS[m] for m in methods}
+
+
+def warn_edited_neighbours(cases: Sequence[EvalCase], mode: str) -> None:
+    """Warn when requests edited together are each other's neighbours (NS would count their edits as damage)."""
+    n, total = count_edited_neighbours(cases)
+    if n:
+        warnings.warn(f"{n} of the {total} neighbourhood prompts name a subject edited in the same {mode} edit: "
+                      "scored as neighbours, their intended change counts as damage to NS. Leave them out with "
+                      "kv.datasets.without_edited_neighbours(cases), pick facts of different relations, or use "
+                      "mode='independent'", stacklevel=3)
 
 
 def compute_delta(model: KVModel, method: EditMethod, requests: Sequence[EditRequest],
@@ -121,6 +132,8 @@ def compare_methods(model: KVModel, requests: Any, methods: Sequence[str] | Mapp
     if independent and mode != "independent":
         raise TypeError(f"{sorted(independent)} are options of mode='independent' only")
     cases = as_cases(requests)
+    if mode != "independent":
+        warn_edited_neighbours(cases, mode)
     if generation:
         cases = [replace(c, generation_prompts=c.generation_prompts[:1]) for c in cases]
     chosen = _methods(methods)
@@ -235,6 +248,7 @@ def scaling(model: KVModel, requests: Any, methods: Sequence[str] | Mapping[str,
     ns = sorted(set(ns))
     if not ns or ns[0] < 1 or ns[-1] > len(cases):
         raise ValueError(f"ns must lie in 1..{len(cases)} (the number of requests), got {list(ns)}")
+    warn_edited_neighbours(cases[: ns[-1]], mode)
     chosen = _methods(methods)
     baseline = evaluate(model, cases)
     points: dict[str, list[tuple[int, EditReport]]] = {}

@@ -96,6 +96,20 @@ def test_bundled_set_loads():
     assert len(cases) >= 200 and all(c.target_true for c in cases)
 
 
+def test_neighbours_naming_a_subject_edited_with_them_are_left_out():
+    rome = D.EvalCase(0, "{} is in", "Rome", " Paris", " Italy",
+                      neighborhood_prompts=("Milan is in", "Niger borders", "Romeo was born in"))
+    niger = D.EvalCase(1, "{} borders", "Niger", " Chad", " Mali",
+                       neighborhood_prompts=("Rome is in", "Nigeria borders"),
+                       neighborhood_targets=(" Italy", " Benin"))
+    kept = D.without_edited_neighbours([rome, niger])
+    assert kept[0].neighborhood_prompts == ("Milan is in", "Romeo was born in")  # whole names only
+    assert kept[1].neighborhood_prompts == ("Nigeria borders",) and kept[1].neighborhood_targets == (" Benin",)
+    assert D.count_edited_neighbours([rome, niger]) == (2, 5) and D.count_edited_neighbours(kept) == (0, 3)
+    assert rome.neighborhood_prompts[1] == "Niger borders"  # the caller's cases are not changed
+    assert D.without_edited_neighbours([rome]) == [rome]  # edited alone: nothing to leave out
+
+
 def test_hub_fails_fast_with_local_file_hint(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     t0 = time.perf_counter()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from conftest import tiny
 
-from kvlens.datasets import EvalCase
+from kvlens.datasets import EvalCase, without_edited_neighbours
 from kvlens.editing import KeyFT, ValueFT
 from kvlens.experiments import compare_methods, requests_of, scaling
 from kvlens.views import eval_figures as F
@@ -37,6 +39,21 @@ def test_compare_methods_shares_the_baseline_and_leaves_model_unchanged():
     assert [t.name for t in fig.data] == ["unedited", "FT keys (key)", "FT values (value)"]
     assert fig.layout.xaxis.title.text == ("Score = S, Efficacy = ES, Generalization = PS, Specificity = NS "
                                            "(counterfact convention)")
+
+
+def test_requests_edited_together_that_are_each_others_neighbours_are_warned_of():
+    model = tiny("llama")
+    cases = _cases(2)
+    cases[1] = EvalCase(1, "{} is in", "abd", " xy", " zw", paraphrase_prompts=("abd lies in",),
+                        neighborhood_prompts=("abc is in", "def is in"))
+    with pytest.warns(UserWarning, match=r"1 of the 3 neighbourhood prompts name a subject edited in the same batch"):
+        compare_methods(model, cases, {"FT values": METHODS["FT values"]}, generation=False)
+    with pytest.warns(UserWarning, match="same sequential edit"):
+        scaling(model, cases, {"FT values": METHODS["FT values"]}, ns=[2], mode="sequential")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # edited alone, or with the neighbours left out: nothing to warn of
+        compare_methods(model, cases, {"FT values": METHODS["FT values"]}, mode="independent", generation=False)
+        compare_methods(model, without_edited_neighbours(cases), {"FT values": METHODS["FT values"]}, generation=False)
 
 
 def test_scaling_grid_and_sequential_mode():
