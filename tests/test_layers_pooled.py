@@ -39,11 +39,15 @@ def test_pooled_range_is_the_rule_on_all_facts_and_keeps_each_facts_range():
     assert len(choice.boot_ranges) == 300 and 0 < choice.agreement <= 1
     assert choice.per_fact_contribution.shape == (10, 8)
     assert "pooled over 10 facts" in str(choice)
+    # one layer (ROME's choice): the pooled contribution's peak, inside its bootstrap interval
+    assert choice.peak == int(choice.contribution.argmax()) and choice.peak_ci[0] <= choice.peak <= choice.peak_ci[1]
+    assert f"one layer: {choice.peak}" in str(choice)
 
 
 def test_identical_facts_give_a_certain_range_and_mixed_facts_a_wider_interval():
     same = pool_edit_layers(_facts(0, 6), n_boot=200)
     assert same.agreement == 1.0 and same.start_ci == (same.layers.start,) * 2
+    assert same.peak == 6 and same.peak_ci == (6.0, 6.0)  # the late facts' gap falls most at MLP 6
     mixed = pool_edit_layers(_facts(5, 5), n_boot=400, seed=0)
     assert mixed.agreement < 1.0
     assert mixed.start_ci[1] - mixed.start_ci[0] + mixed.stop_ci[1] - mixed.stop_ci[0] > 0
@@ -95,6 +99,9 @@ def test_choose_edit_layers_on_a_tiny_model_and_its_figure_and_section():
             == {(r.start, r.stop) for r in choice.per_fact})
     (section,) = to_sections(choice)
     assert section.params["layers"] == [choice.layers.start, choice.last]
+    assert section.params["peak"] == choice.peak
+    (peak,) = [t for t in fig.data if t.type == "scatter" and t.marker.symbol == "diamond"]
+    assert list(peak.x) == [choice.peak] and peak.error_x.arrayminus[0] == choice.peak - choice.peak_ci[0]
 
 
 def test_summary_edit_layers_needs_severed_paths():

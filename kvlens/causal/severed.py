@@ -154,7 +154,9 @@ class LayerChoice:
     facts with replacement ``n_boot`` times and applies the same rule to each resample:
     ``start_ci`` / ``stop_ci`` are the 2.5 and 97.5 percentiles of the first and last layer of
     the range, ``agreement`` the share of resamples that give exactly ``layers``, and
-    ``per_fact`` each fact's own range (its spread is what pooling removes).
+    ``per_fact`` each fact's own range (its spread is what pooling removes). ``peak`` is the
+    single layer a one-layer method (ROME) would edit: the MLP layer of largest pooled
+    contribution, with ``peak_ci`` the 2.5 and 97.5 percentiles of the resamples' peaks.
     """
 
     layers: range
@@ -166,6 +168,8 @@ class LayerChoice:
     per_fact_contribution: torch.Tensor  # [facts, layers]
     boot_ranges: list[range]
     subjects: list[str]
+    peak: int
+    peak_ci: tuple[float, float]
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -180,6 +184,7 @@ class LayerChoice:
         return (f"MLP edit layers {self.layers.start}–{self.last} pooled over {self.n_facts} facts "
                 f"(bootstrap 95 %: first layer {self.start_ci[0]:g}–{self.start_ci[1]:g}, last layer "
                 f"{self.stop_ci[0]:g}–{self.stop_ci[1]:g}; {100 * self.agreement:.0f} % of resamples agree); "
+                f"one layer: {self.peak} (95 % {self.peak_ci[0]:g}–{self.peak_ci[1]:g}); "
                 f"single facts range from {min(r.start for r in self.per_fact)} to "
                 f"{max(r.stop for r in self.per_fact) - 1}")
 
@@ -204,13 +209,17 @@ def pool_edit_layers(severed: Sequence[SeveredTrace], size: int | None = None, s
         warnings.warn("over these facts the MLP-severed curve never falls below the normal one: no MLP range "
                       "stands out; the suggestion is arbitrary (use facts the model knows)", stacklevel=2)
     idx = torch.randint(0, len(traces), (n_boot, len(traces)), generator=torch.Generator().manual_seed(seed))
-    boots = [best_window(mlp_contribution(gaps[i].mean(0)), size, share) for i in idx]
+    curves = [mlp_contribution(gaps[i].mean(0)) for i in idx]
+    boots = [best_window(c, size, share) for c in curves]
     chosen = best_window(pooled, size, share)
-    starts = torch.tensor([float(r.start) for r in boots])
-    lasts = torch.tensor([float(r.stop - 1) for r in boots])
     q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    sq, lq = torch.quantile(starts.double(), q).tolist(), torch.quantile(lasts.double(), q).tolist()
-    return LayerChoice(chosen, (sq[0], sq[1]), (lq[0], lq[1]), sum(r == chosen for r in boots) / n_boot,
+
+    def ci(values: Sequence[float]) -> tuple[float, float]:
+        lo, hi = torch.quantile(torch.tensor(values, dtype=torch.float64), q).tolist()
+        return lo, hi
+
+    return LayerChoice(chosen, ci([r.start for r in boots]), ci([r.stop - 1 for r in boots]),
+                       sum(r == chosen for r in boots) / n_boot,
                        [best_window(d, size, share) for d in per_fact_drop], pooled, per_fact_drop, boots,
-                       [t.subject for t in traces],
+                       [t.subject for t in traces], int(pooled.argmax()), ci([int(c.argmax()) for c in curves]),
                        {**traces[0].params, "size": size, "share": share, "n_boot": n_boot, "boot_seed": seed})

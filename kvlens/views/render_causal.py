@@ -85,4 +85,4 @@ def _layer_choice(result: LayerChoice) -> list[Section]:
                     figure=trace_figures.layer_choice_chart(result),
                     params={**result.params, "layers": [result.layers.start, result.last],
                             "first_layer_ci": list(result.start_ci), "last_layer_ci": list(result.stop_ci),
-                            "agreement": result.agreement})]
+                            "agreement": result.agreement, "peak": result.peak, "peak_ci": list(result.peak_ci)})]

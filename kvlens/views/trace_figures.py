@@ -126,9 +126,10 @@ def layer_choice_chart(choice: LayerChoice) -> go.Figure:
     """The pooled edit range with its bootstrap interval, above every fact's own range.
 
     Top: the pooled MLP contribution per layer (:func:`~kvlens.causal.severed.mlp_contribution`
-    of the mean gap), the chosen range shaded, whiskers on its first and last layer spanning
-    their bootstrap 95 % intervals. Bottom: one segment per fact, its own suggested range, sorted
-    by first layer, so the spread that pooling removes is visible.
+    of the mean gap), the chosen range shaded, whiskers on its first and last layer and on the
+    one-layer choice (the peak, a diamond) spanning their bootstrap 95 % intervals. Bottom: one
+    segment per fact, its own suggested range, sorted by first layer, so the spread that pooling
+    removes is visible.
     """
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.4, 0.6],
                         subplot_titles=("pooled MLP contribution (drop of the severed-MLP gap)",
@@ -137,12 +138,16 @@ def layer_choice_chart(choice: LayerChoice) -> go.Figure:
     fig.add_trace(go.Bar(x=list(range(n)), y=choice.contribution.tolist(), marker_color=_LINE["mlp_severed"],
                          name="pooled contribution", hovertemplate="layer %{x}: %{y:.4f}<extra></extra>"), row=1, col=1)
     top = float(choice.contribution.max()) if n else 0.0
-    for value, (lo, hi), label in ((choice.layers.start, choice.start_ci, "first"),
-                                   (choice.last, choice.stop_ci, "last")):
-        fig.add_trace(go.Scatter(x=[value], y=[1.08 * top], mode="markers", marker=dict(color="black", size=9),
+    marks = ((choice.layers.start, choice.start_ci, "first", "first/last layer, bootstrap 95 %", 1.08, "circle"),
+             (choice.last, choice.stop_ci, "last", None, 1.08, "circle"),
+             (choice.peak, choice.peak_ci, "one-layer (peak)", "one-layer choice (peak), bootstrap 95 %", 1.2,
+              "diamond"))
+    for value, (lo, hi), label, legend, height, symbol in marks:
+        fig.add_trace(go.Scatter(x=[value], y=[height * top], mode="markers",
+                                 marker=dict(color="black", size=9, symbol=symbol),
                                  error_x=dict(type="data", symmetric=False, array=[hi - value],
                                               arrayminus=[value - lo]),
-                                 name=f"{label} layer, bootstrap 95 %", showlegend=label == "first",
+                                 name=legend or "", showlegend=legend is not None,
                                  hovertemplate=f"{label} layer %{{x}} (95 %: {lo:g}–{hi:g})<extra></extra>"),
                       row=1, col=1)
     order = sorted(range(choice.n_facts), key=lambda i: (choice.per_fact[i].start, choice.per_fact[i].stop))
