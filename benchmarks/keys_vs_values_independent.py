@@ -4,8 +4,10 @@
 
 Each of the first ``--n`` bundled facts (data/counterfact_mini.json) is edited alone from the
 unedited model, scored and undone (``kv.evaluate_each``), by: ROME,
-MEMIT and AlphaEdit (5k-token E[kkᵀ] statistics), FT keys / values / gates at the layer of the ROME preset
-(``--layer``, 8 on the embedded model) and at an early layer (``--early``, default 2), and LoRA
+MEMIT and AlphaEdit (5k-token E[kkᵀ] statistics), FT keys / values / gates at the causal-trace layer
+(``--layer``, 8 on the embedded model: the ROME preset's layer and the peak of the severed-path MLP
+contribution pooled over 29 facts, benchmarks/edit_layer_choice.py) and at an early layer
+(``--early``, default 2), and LoRA
 keys / values / gates at ``--layer``. For each key-side method and its value-side twin, the
 key − value difference of every metric is estimated on the same requests with a paired bootstrap
 95 % CI (:func:`kvlens.experiments.paired_difference`). Results are written after every method
