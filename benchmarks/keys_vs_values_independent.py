@@ -119,7 +119,8 @@ def write(comp: Comparison, args) -> None:
         cells = [f"{d[m]['mean']:+.1f} [{d[m]['low']:+.1f}, {d[m]['high']:+.1f}]" if m in d else "" for m in METRICS]
         lines.append(f"| {d['key']} − {d['value']} | " + " | ".join(cells) + " |")
     lines += ["", (f"x100; CounterFact (S ES PS NS EM PM NM) and zsRE (Efficacy Paraphrase Specificity) "
-                   f"conventions. L = {args.layer} (the causal-trace layer: benchmarks/edit_layer_choice.py), early = {args.early}. Time to edit and "
+                   f"conventions. L = {args.layer} (the causal-trace layer: benchmarks/edit_layer_choice.py), "
+                   f"early = {args.early}. Time to edit and "
                    f"score all {args.n} facts, per method: "
                    + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
                    + " (2-core CPU; each method's load average is in its file).")]
