@@ -28,7 +28,7 @@ from tests import live_lab as ll
 T = TypeVar("T")
 
 #: Cell indices of the main notebook.
-SETUP, STEPPER, EXPLORER, BROWSER, CHECKSUM = range(5)
+SETUP, STEPPER, EXPLORER, BROWSER, CHECKSUM, NEIGHBOURS = range(6)
 
 #: Replaces ``show_figure`` in every loaded kvlens.views module by a no-op: the apps then draw nothing.
 BREAK_SHOW_FIGURE = """
@@ -66,6 +66,10 @@ stepper""",
     "explorer = kv.TraceExplorer(model, samples=1)\nexplorer",
     "browser = kv.MemoryBrowser(model)\nbrowser",
     "print('weights', weight_checksum())",
+    """first = cases[0]  # then a fact of its relation that has it as a neighbour
+second = next(c for c in cases[1:] if any(first.subject in p for p in c.neighborhood_prompts))
+neighbours = kv.EditStepper(model, [first, second], methods={"FT values": lambda: kv.ValueFT(steps=5)})
+neighbours""",
 ]
 
 
@@ -339,6 +343,27 @@ def test_bad_input_error_is_next_to_its_control(live: ll.LivePage, cell: int, fi
     message, control = bad_input(live, cell, fields, press, "subject")
     gap = ll.vertical_gap(message.bounding_box(), control.bounding_box())
     assert gap <= 60, f"the error is {gap:.0f} px away from the {press!r} button that caused it"
+
+
+def test_stepper_says_which_neighbours_it_leaves_out(live: ll.LivePage, original_checksum: str) -> None:
+    """Step 2's fact has step 1's subject among its neighbours: NS leaves that prompt out, and says so."""
+    out = live.output(NEIGHBOURS)
+
+    def steps_to(want: str) -> None:
+        wait_until(lambda: want in " ".join(html_texts(live, NEIGHBOURS)), f"'{want}' in the neighbours stepper", 300)
+        ll.wait_kernel_idle(live.page, 300)
+
+    ll.button(out, "Next").click()
+    steps_to("1 / 2")
+    ll.button(out, "Next").click()
+    steps_to("2 / 2")
+    out.locator(".lm-TabBar-tab", has_text="metrics").first.click()
+    note = wait_until(lambda: [t for t in out.locator(".widget-html-content").filter(visible=True).all_inner_texts()
+                               if "left out of NS" in t], "the left-out note in the metrics tab", 60)
+    assert "1 neighbour prompt(s) name a subject edited in this or an earlier step" in note[0]
+    ll.button(out, "Revert all").click()
+    steps_to("0 / 2")
+    assert checksum(ll.run_cell(live, CHECKSUM)) == original_checksum
 
 
 def test_empty_charts_fail_the_check(lab: ll.LabServer, context: Any) -> None:

@@ -105,6 +105,23 @@ def test_errors_are_inline_and_leave_the_model_untouched(app):
     assert "apply an edit first" in app.error_text
 
 
+def test_neighbours_edited_in_an_earlier_step_are_left_out_and_said(app):
+    from kvlens.datasets import EvalCase
+
+    bob = EvalCase("bob", "{} lives in", "Bob", " Rome", " Oslo", neighborhood_prompts=("Carl lives in",))
+    ann = EvalCase("ann", "{} lives in", "Ann", " Lima", " Oslo",
+                   neighborhood_prompts=("Bob lives in", "Dora lives in"))
+    stepper = EditStepper(app.model, [bob, ann], methods=app.methods)
+    stepper.next()
+    assert "left out" not in stepper.metrics.value
+    stepper.next()
+    assert stepper.steps[-1].report.cases[0].neighborhood_prompts == ("Dora lives in",)  # Bob was edited in step 1
+    assert [r["prompt"] for r in probability_rows(stepper.steps[-1].report) if r["group"] == "neighbour"] == [
+        "Dora lives in"]
+    assert "1 neighbour prompt(s) name a subject edited in this or an earlier step" in stepper.metrics.value
+    stepper.revert_all()
+
+
 def test_inside_the_edit_shows_the_target_optimisation_layer_shares_and_key():
     from kvlens.editing import MEMIT, Contexts, MEMITHparams, TargetOpt
 

@@ -24,7 +24,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from kvlens.causal.trace import trace
-from kvlens.datasets import EvalCase, as_cases, load_bundled
+from kvlens.datasets import EvalCase, as_cases, load_bundled, without_edited_neighbours
 from kvlens.editing._shared import EditProgress
 from kvlens.editing.base import EditMethod
 from kvlens.editing.history import EditHistory
@@ -308,7 +308,9 @@ class EditStepper(App):
                 self._check_cancel()
                 self.compute_count += 1
                 progress(0.6)
-                report = evaluate(self.model, [case], delta, method=label)
+                # neighbours naming a subject edited by an applied step (or this one) are meant to change
+                scored = without_edited_neighbours([*(s.case for s in self.steps), case])[-1]
+                report = evaluate(self.model, [scored], delta, method=label)
                 self._check_cancel()
                 progress(0.8)
                 step = Step(label, case, delta, report, keys(self.model, case.rewrite_prompt, layers=delta.layers),
@@ -404,9 +406,12 @@ class EditStepper(App):
             span = subject_span(self.model, step.case.prompt, step.case.subject)
             key_fig = step.figure("keys", lambda: edit_figures.key_shift_bars(
                 step.keys_before, keys_after, step.delta.layers[0], span.last))
+        left_out = len(step.case.neighborhood_prompts) - len(step.report.cases[0].neighborhood_prompts)
+        note = (f"<p>{left_out} neighbour prompt(s) name a subject edited in this or an earlier step: left out of NS "
+                "(they are meant to change).</p>" if left_out else "")
         self.metrics.value = (f"<p>Step {n} ({html.escape(step.label)}), "
                               f"{html.escape(step.case.rewrite_prompt)} → {html.escape(repr(step.case.target_new))}"
-                              "</p>" + table_html(report_rows(step.report)))
+                              "</p>" + note + table_html(report_rows(step.report)))
         show_figure(self.parts_fig, step.figure("parts", lambda: edit_figures.part_norm_bars(step.delta)))
         seconds = float(step.delta.info.get("seconds", 0.0))
         note = f"Step {n}: {step.delta.method} computed in {seconds:.1f} s; per-request optimisation record:"
