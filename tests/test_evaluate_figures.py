@@ -40,6 +40,9 @@ def test_method_comparison_and_scaling(reports):
     fig = F.method_comparison({"small": small, "big": big}, ["ES", "Locality"], baseline=small)
     assert [t.name for t in fig.data] == ["unedited", "small", "big"]
     assert fig.data[0].y[1] is None  # no locality for the unedited model
+    many = F.method_comparison({f"m{i}": big for i in range(12)}, ["ES"], baseline=small)
+    colours = [t.marker.color for t in many.data[1:]]
+    assert len(set(colours)) == 12  # more methods than Plotly's 10 default colours: still one colour each
     curve = F.scaling_curve({"shift": [(10, big), (1, small)]}, "EM", baseline=small)
     assert list(curve.data[0].x) == [1, 10]
     assert curve.layout.xaxis.type == "log"

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 
 from kvlens.errors import BadInput
 from kvlens.evaluate import AGGREGATES, EditReport
@@ -113,9 +114,12 @@ def method_comparison(reports: Mapping[str, EditReport], metrics: Sequence[str] 
         base_state = "before" if "before" in baseline.aggregate else baseline.states[0]
         bars.append(_bar("unedited", [baseline.aggregate[base_state].get(m) for m in metrics], metrics,
                          marker_color="lightgrey"))
-    for name, r in reports.items():
+    # Plotly's default cycle repeats after 10 colours; beyond that each method keeps a colour of its own
+    palette = qualitative.Plotly if len(reports) <= len(qualitative.Plotly) else qualitative.Dark24
+    for i, (name, r) in enumerate(reports.items()):
         s = state if state in r.aggregate else r.states[-1]
-        bars.append(_bar(name, [r.aggregate[s].get(m) for m in metrics], metrics))
+        bars.append(_bar(name, [r.aggregate[s].get(m) for m in metrics], metrics,
+                         marker_color=palette[i % len(palette)]))
     fig = go.Figure(bars)
     fig.update_layout(barmode="group", title="Editing methods compared", yaxis_title="score (x100, 95% CI)",
                       xaxis_title=_conventions(list(reports.values()), metrics), legend_title="method")
