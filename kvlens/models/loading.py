@@ -378,8 +378,25 @@ def load(name_or_dir: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
     if device is not None and quant is None:
         # transformers wraps .to with functools.wraps, which mypy reads as an unbound function
         model.to(device)  # type: ignore[arg-type]
+    if quant is not None:
+        keep_4bit_layout(model)
     model.config.name_or_path = display
     return wrap(model, tokenizer, name=display, prefix=default_prefix if prefix is None else prefix)
+
+
+def keep_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights in place at the first CPU forward.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` converts its weight and quant state to a CPU
+    layout the first time it runs without gradients, and its state_dict converts back, not
+    bit for bit: the weights a user loaded would change under a read-only forward, and "the
+    model is left bit-identical" could not hold. The standard NF4 layout computes the same product.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _load_remote(source: str | Path, display: str, prefix: str, remote: bool | str, dtype: Any,

@@ -196,6 +196,8 @@ def quantized_copy(model: KVModel) -> Iterator[KVModel]:
         raise RuntimeError(f"quantize='nf4' needs bitsandbytes, which cannot run here ({type(exc).__name__}: "
                            f"{exc}); install it or tune in full precision (quantize=None)") from exc
     from peft import prepare_model_for_kbit_training
+
+    from kvlens.models.loading import keep_4bit_layout
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch.bfloat16 if model.device.type == "cuda" else torch.float32
@@ -206,6 +208,7 @@ def quantized_copy(model: KVModel) -> Iterator[KVModel]:
         source.save_pretrained(tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=compute,
                                                   device_map={"": model.device})
+    keep_4bit_layout(hf)
     hf = prepare_model_for_kbit_training(hf, use_gradient_checkpointing=model.device.type == "cuda")
     copy = wrap(hf, model.tokenizer, name=f"{model.name} (nf4 copy)", prefix=model.prefix)
     try:
