@@ -196,9 +196,9 @@ def quantized_copy(model: KVModel) -> Iterator[KVModel]:
         raise RuntimeError(f"quantize='nf4' needs bitsandbytes, which cannot run here ({type(exc).__name__}: "
                            f"{exc}); install it or tune in full precision (quantize=None)") from exc
     from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from kvlens.models.loading import keep_4bit_layout
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch.bfloat16 if model.device.type == "cuda" else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
