@@ -191,10 +191,11 @@ def comparison_figure(comparison: Comparison, columns: Sequence[str] = ("Score",
              for n, r in comparison.reports.items()}
     fig = method_comparison(names, [COLUMNS[c] for c in columns], baseline=comparison.baseline)
     conv = _convention_of([comparison.baseline, *comparison.reports.values()], [COLUMNS[c] for c in columns])
-    one = set(conv.values()) if len(set(conv.values())) == 1 else None  # one convention: named once
-    named = [f"{c} = {COLUMNS[c]}" + ("" if one else f" ({conv.get(COLUMNS[c], 'n/a')})") for c in columns]
+    kinds = set(conv.values())
+    single = next(iter(kinds)) if len(kinds) == 1 else None  # one convention: named once, at the end
+    named = [f"{c} = {COLUMNS[c]}" + ("" if single else f" ({conv.get(COLUMNS[c], 'n/a')})") for c in columns]
     fig.update_xaxes(ticktext=list(columns), tickvals=[COLUMNS[c] for c in columns],
-                     title=", ".join(named) + (f" ({one.pop()} convention)" if one else ""))
+                     title=", ".join(named) + (f" ({single} convention)" if single else ""))
     fig.update_layout(title=f"Keys vs values: {len(comparison.baseline.cases)} requests, {comparison.mode} edits")
     return fig
 
