@@ -125,3 +125,4 @@ def test_embedded_pooled_layers_over_a_few_facts(embedded):
     assert 0 <= choice.layers.start <= choice.last < embedded.n_layers
     assert choice.start_ci[0] <= choice.layers.start <= choice.start_ci[1]
     assert float(choice.contribution.sum()) > 0  # the MLP path matters for facts the model knows
+    assert choice.peak_ci[0] <= choice.peak <= choice.peak_ci[1] and choice.contribution[choice.peak] > 0
