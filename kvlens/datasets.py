@@ -108,8 +108,13 @@ def _names(subject: str) -> re.Pattern[str]:
     return re.compile(rf"(?<!\w){re.escape(subject)}(?!\w)")
 
 
-def without_edited_neighbours(cases: Sequence[EvalCase]) -> list[EvalCase]:
-    """``cases`` to be edited together, each without the neighbourhood prompts that name a subject edited with it.
+def names_subject(text: str, subject: str) -> bool:
+    """Whether ``text`` names ``subject`` as a whole name (the test behind :func:`without_edited_neighbours`)."""
+    return _names(subject).search(text) is not None
+
+
+def without_edited_neighbours(cases: Sequence[EvalCase], subjects: Sequence[str] | None = None) -> list[EvalCase]:
+    """``cases`` without the neighbourhood prompts that name an edited subject.
 
     NS scores facts an edit must leave unchanged. A neighbour whose subject is edited in the same
     delta is meant to change, so scoring it as a neighbour counts the edit's success as damage.
@@ -117,8 +122,13 @@ def without_edited_neighbours(cases: Sequence[EvalCase]) -> list[EvalCase]:
     facts are edited together (21 of the 48 neighbour prompts of the first 8 bundled facts); the
     independent protocol (each fact edited alone) does not need it. Targets of zsRE-style
     neighbours are dropped with their prompts. See :func:`count_edited_neighbours`.
+
+    Args:
+        cases: the cases to score.
+        subjects: the edited subjects (default: the cases' own, i.e. the cases are edited together).
     """
-    names = [_names(s) for s in dict.fromkeys(c.subject for c in cases)]
+    edited = dict.fromkeys(c.subject for c in cases) if subjects is None else dict.fromkeys(subjects)
+    names = [_names(s) for s in edited]
     out = []
     for c in cases:
         keep = [i for i, p in enumerate(c.neighborhood_prompts) if not any(n.search(p) for n in names)]
@@ -128,9 +138,10 @@ def without_edited_neighbours(cases: Sequence[EvalCase]) -> list[EvalCase]:
     return out
 
 
-def count_edited_neighbours(cases: Sequence[EvalCase]) -> tuple[int, int]:
-    """``(n, total)``: how many of the cases' neighbourhood prompts name a subject edited with them."""
-    kept = without_edited_neighbours(cases)
+def count_edited_neighbours(cases: Sequence[EvalCase], subjects: Sequence[str] | None = None) -> tuple[int, int]:
+    """``(n, total)``: how many of the cases' neighbourhood prompts name an edited subject
+    (``subjects``, default the cases' own), of all their neighbourhood prompts."""
+    kept = without_edited_neighbours(cases, subjects)
     total = sum(len(c.neighborhood_prompts) for c in cases)
     return total - sum(len(c.neighborhood_prompts) for c in kept), total
 

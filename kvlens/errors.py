@@ -13,6 +13,9 @@ and friends keep working:
 * :class:`MissingFolder` (``FileNotFoundError``): a folder to save into does not exist.
 * :class:`CacheLocationError` (``NotADirectoryError``): the cache root is not a folder.
 * :class:`EditStateError` (``RuntimeError``): apply/revert asked of a delta in the wrong state.
+
+One warning class, for a result that is computed but may mislead:
+:class:`EditedNeighbours` (``UserWarning``): NS scored on neighbour prompts whose subject was edited.
 """
 
 from __future__ import annotations
@@ -56,3 +59,8 @@ class CacheLocationError(KVLensError, NotADirectoryError):
 
 class EditStateError(KVLensError, RuntimeError):
     """apply/revert asked of a delta in the wrong state (already applied, not applied, weights changed)."""
+
+
+class EditedNeighbours(UserWarning):
+    """Neighbourhood prompts that name a subject edited in the scored delta: their intended change
+    counts as damage to NS. Filter with ``warnings.simplefilter("ignore", EditedNeighbours)``."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from kvlens import tracing
-from kvlens.datasets import EvalCase, as_cases
-from kvlens.errors import BadInput
+from kvlens.datasets import EvalCase, as_cases, count_edited_neighbours
+from kvlens.errors import BadInput, EditedNeighbours
 from kvlens.metrics import (
     CONVENTIONS,
     Estimate,
@@ -442,6 +443,17 @@ def _generation_metrics(model: KVModel, cases: Sequence[EvalCase], references: M
     return rows, groups
 
 
+def warn_edited_neighbours(cases: Sequence[EvalCase], subjects: Sequence[str] | None, edit: str) -> None:
+    """Warn (:class:`~kvlens.errors.EditedNeighbours`) when neighbourhood prompts of ``cases`` name a
+    subject of ``subjects`` (default: the cases' own), edited by ``edit`` (words for the message)."""
+    n, total = count_edited_neighbours(cases, subjects)
+    if n:
+        warnings.warn(f"{n} of the {total} neighbourhood prompts name a subject edited in {edit}: scored as "
+                      "neighbours, their intended change counts as damage to NS. Leave them out with "
+                      "kv.datasets.without_edited_neighbours(cases), pick facts of different relations, or "
+                      "edit each fact alone (kv.evaluate_each)", EditedNeighbours, stacklevel=3)
+
+
 def evaluate(model: KVModel, requests: Any, delta: Any = None, *, tests: Sequence[str] | None = None,
              before: bool = True, baseline: EditReport | None = None, generation: bool = False,
              references: Mapping[str, Sequence[str]] | None = None, tfidf: TfIdf | None = None,
@@ -468,6 +480,9 @@ def evaluate(model: KVModel, requests: Any, delta: Any = None, *, tests: Sequenc
         batch_size: rows per forward.
         method: a label for the report (default: the delta's ``method`` attribute or class name).
 
+    Warns (:class:`~kvlens.errors.EditedNeighbours`) when a neighbourhood prompt names a subject
+    the delta edits (its ``requests``): NS would count that intended change as damage.
+
     Returns:
         An :class:`EditReport` with per-case values and aggregates (x100, 95 % CIs), each
         labelled with its convention (counterfact / zsre / easyedit / generation).
@@ -475,6 +490,9 @@ def evaluate(model: KVModel, requests: Any, delta: Any = None, *, tests: Sequenc
     t0 = time.perf_counter()
     cases = as_cases(requests)
     tests = _tests_for(cases, tests)
+    edited = getattr(delta, "requests", None)
+    if edited and "neighborhood" in tests:
+        warn_edited_neighbours(cases, [r.subject for r in edited], "the scored delta")
     if delta is None:
         states = ["current"]
     else:

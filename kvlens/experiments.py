@@ -11,19 +11,21 @@ baseline. Methods are built by factories so each experiment starts from fresh hy
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
-from kvlens.datasets import EvalCase, as_cases, count_edited_neighbours
+from kvlens.datasets import EvalCase, as_cases
 from kvlens.editing import MEMIT, ROME, EditRequest, KeyFT, LoRAKeys, LoRAValues, ValueFT
 from kvlens.editing.base import EditMethod, sequentially
 from kvlens.editing.delta import WeightDelta
-from kvlens.evaluate import AGGREGATES, SCORES, EditReport, evaluate
+from kvlens.errors import EditedNeighbours
+from kvlens.evaluate import AGGREGATES, SCORES, EditReport, evaluate, warn_edited_neighbours
 from kvlens.independent import evaluate_each, requests_of
 from kvlens.metrics import Estimate, harmonic_mean
 from kvlens.models.kvmodel import KVModel
@@ -52,16 +54,6 @@ def _methods(methods: Sequence[str] | Mapping[str, Any] | None) -> dict[str, tup
         raise KeyError(f"unknown methods {unknown}; choose from {list(KEY_VALUE_METHODS)} or pass "
                        f"{{name: factory}}")
     return {m: KEY_VALUE_METHODS[m] for m in methods}
-
-
-def warn_edited_neighbours(cases: Sequence[EvalCase], mode: str) -> None:
-    """Warn when requests edited together are each other's neighbours (NS would count their edits as damage)."""
-    n, total = count_edited_neighbours(cases)
-    if n:
-        warnings.warn(f"{n} of the {total} neighbourhood prompts name a subject edited in the same {mode} edit: "
-                      "scored as neighbours, their intended change counts as damage to NS. Leave them out with "
-                      "kv.datasets.without_edited_neighbours(cases), pick facts of different relations, or use "
-                      "mode='independent'", stacklevel=3)
 
 
 def compute_delta(model: KVModel, method: EditMethod, requests: Sequence[EditRequest],
@@ -132,8 +124,8 @@ def compare_methods(model: KVModel, requests: Any, methods: Sequence[str] | Mapp
     if independent and mode != "independent":
         raise TypeError(f"{sorted(independent)} are options of mode='independent' only")
     cases = as_cases(requests)
-    if mode != "independent":
-        warn_edited_neighbours(cases, mode)
+    if mode != "independent":  # said once, before any edit (each scored delta would say it again)
+        warn_edited_neighbours(cases, None, f"the same {mode} edit")
     if generation:
         cases = [replace(c, generation_prompts=c.generation_prompts[:1]) for c in cases]
     chosen = _methods(methods)
@@ -205,7 +197,16 @@ def keys_vs_values(model: KVModel, requests: Any, **kwargs: Any) -> Comparison:
 def _after(model: KVModel, cases: Sequence[EvalCase], delta: WeightDelta, baseline: EditReport, name: str,
            gen: dict[str, Any]) -> EditReport:
     """The edited state only (the baseline supplies 'before'), labelled with the method name."""
-    return evaluate(model, cases, delta, baseline=baseline, method=name, **gen)
+    with _neighbours_said():
+        return evaluate(model, cases, delta, baseline=baseline, method=name, **gen)
+
+
+@contextlib.contextmanager
+def _neighbours_said() -> Iterator[None]:
+    """Silence :class:`EditedNeighbours` in a scoring the caller has already warned about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EditedNeighbours)
+        yield
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def scaling(model: KVModel, requests: Any, methods: Sequence[str] | Mapping[str,
     ns = sorted(set(ns))
     if not ns or ns[0] < 1 or ns[-1] > len(cases):
         raise ValueError(f"ns must lie in 1..{len(cases)} (the number of requests), got {list(ns)}")
-    warn_edited_neighbours(cases[: ns[-1]], mode)
+    warn_edited_neighbours(cases[: ns[-1]], None, f"the same {mode} edit")
     chosen = _methods(methods)
     baseline = evaluate(model, cases)
     points: dict[str, list[tuple[int, EditReport]]] = {}
@@ -259,7 +260,8 @@ def scaling(model: KVModel, requests: Any, methods: Sequence[str] | Mapping[str,
             t0 = time.perf_counter()
             delta = compute_delta(model, factory(), requests_of(cases[:n]), mode)
             seconds[name].append(time.perf_counter() - t0)
-            points[name].append((n, evaluate(model, cases[:n], delta, before=False, method=name)))
+            with _neighbours_said():
+                points[name].append((n, evaluate(model, cases[:n], delta, before=False, method=name)))
             if progress:
                 print(f"{name} n={n}: {seconds[name][-1]:.1f} s")
     return Scaling(baseline, points, seconds, mode)

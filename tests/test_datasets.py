@@ -108,6 +108,9 @@ def test_neighbours_naming_a_subject_edited_with_them_are_left_out():
     assert D.count_edited_neighbours([rome, niger]) == (2, 5) and D.count_edited_neighbours(kept) == (0, 3)
     assert rome.neighborhood_prompts[1] == "Niger borders"  # the caller's cases are not changed
     assert D.without_edited_neighbours([rome]) == [rome]  # edited alone: nothing to leave out
+    # the subjects of another edit: only "Niger borders" (Rome's neighbour) names Niger
+    assert D.count_edited_neighbours([rome, niger], ["Niger"]) == (1, 5)
+    assert D.without_edited_neighbours([niger], ["Niger"]) == [niger]
 
 
 def test_hub_fails_fast_with_local_file_hint(monkeypatch):

@@ -9,6 +9,8 @@ from conftest import tiny
 
 from kvlens.datasets import EvalCase, without_edited_neighbours
 from kvlens.editing import KeyFT, ValueFT
+from kvlens.errors import EditedNeighbours
+from kvlens.evaluate import evaluate
 from kvlens.experiments import compare_methods, requests_of, scaling
 from kvlens.views import eval_figures as F
 
@@ -46,14 +48,24 @@ def test_requests_edited_together_that_are_each_others_neighbours_are_warned_of(
     cases = _cases(2)
     cases[1] = EvalCase(1, "{} is in", "abd", " xy", " zw", paraphrase_prompts=("abd lies in",),
                         neighborhood_prompts=("abc is in", "def is in"))
-    with pytest.warns(UserWarning, match=r"1 of the 3 neighbourhood prompts name a subject edited in the same batch"):
-        compare_methods(model, cases, {"FT values": METHODS["FT values"]}, generation=False)
+    with pytest.warns(EditedNeighbours, match=r"1 of the 3 neighbourhood prompts name a subject edited in the same "
+                                              r"batch") as said:
+        compare_methods(model, cases, {"FT values": METHODS["FT values"], "FT keys": METHODS["FT keys"]},
+                        generation=False)
+    assert sum(w.category is EditedNeighbours for w in said) == 1  # once, before the edits, not once per method
+    # evaluate itself warns for the delta it scores: here one that edits only "abc"
+    delta = METHODS["FT values"][0]().compute(model, requests_of(cases[:1]))
+    with pytest.warns(EditedNeighbours, match="1 of the 3 neighbourhood prompts name a subject edited in the "
+                                              "scored delta"):
+        evaluate(model, cases, delta)
     with pytest.warns(UserWarning, match="same sequential edit"):
         scaling(model, cases, {"FT values": METHODS["FT values"]}, ns=[2], mode="sequential")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # edited alone, or with the neighbours left out: nothing to warn of
         compare_methods(model, cases, {"FT values": METHODS["FT values"]}, mode="independent", generation=False)
         compare_methods(model, without_edited_neighbours(cases), {"FT values": METHODS["FT values"]}, generation=False)
+        evaluate(model, without_edited_neighbours(cases), delta)
+        evaluate(model, cases[:1], delta)  # abc's own neighbours do not name abc
 
 
 def test_scaling_grid_and_sequential_mode():

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 
 from kvlens.causal.trace import trace
-from kvlens.datasets import EvalCase, load_bundled
+from kvlens.datasets import EvalCase, load_bundled, names_subject
 from kvlens.editing import ROME, KeyFT, ValueFT
 from kvlens.editing.base import EditMethod
 from kvlens.editing.delta import applied_edits
@@ -66,9 +66,9 @@ def find_case(case_id: int) -> EvalCase:
 
 
 def _mentions(case: EvalCase, subject: str) -> bool:
-    """Whether any prompt ``case`` is scored on names ``subject``."""
+    """Whether any prompt ``case`` is scored on names ``subject`` (as a whole name, as NS filtering tests)."""
     prompts = (case.rewrite_prompt, *case.paraphrase_prompts, *case.neighborhood_prompts)
-    return any(subject in p for p in prompts)
+    return any(names_subject(p, subject) for p in prompts)
 
 
 def independent_cases(first: EvalCase, pool: list[EvalCase], n: int) -> list[EvalCase]:
