@@ -127,8 +127,8 @@ def without_edited_neighbours(cases: Sequence[EvalCase], subjects: Sequence[str]
         cases: the cases to score.
         subjects: the edited subjects (default: the cases' own, i.e. the cases are edited together).
     """
-    edited = dict.fromkeys(c.subject for c in cases) if subjects is None else dict.fromkeys(subjects)
-    names = [_names(s) for s in edited]
+    edited = (c.subject for c in cases) if subjects is None else subjects
+    names = [_names(s) for s in dict.fromkeys(edited)]
     out = []
     for c in cases:
         keep = [i for i, p in enumerate(c.neighborhood_prompts) if not any(n.search(p) for n in names)]
